@@ -1,0 +1,2 @@
+"""PersistWorld."""
+__version__ = "0.1.0"

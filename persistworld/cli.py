@@ -1,0 +1,87 @@
+"""The `persistworld` console command: one subcommand per pipeline stage, Hydra overrides after.
+
+    persistworld render data.num_episodes=200 data.workers=2
+    persistworld preview episode=3
+    persistworld train-base trainer.steps=2000
+    persistworld pipeline                      # the README's main job on the embedded default
+
+Every Hydra-backed subcommand accepts the usual Hydra flags (`--cfg job`, `--help`,
+`--multirun`, `hydra/launcher=...`). Errors a user can fix (bad settings, missing or corrupt
+files) print one line naming the setting or file and exit with status 2, with no traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable
+
+# name -> (Hydra config name, "module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "render": ("render", "persistworld.cli:render_main",
+               "render the mini-DROID dataset with pybullet into data.root"),
+    "preview": ("preview", "persistworld.data.preview:preview_main",
+                "write a PNG contact sheet (views x time, RGB and masks) of one episode"),
+    "train-base": ("train_base", "persistworld.trainers.base:train_base",
+                   "teacher-forced base training of the world model"),
+    "pipeline": ("pipeline", "persistworld.pipeline:pipeline_main",
+                 "the main job: data -> base model -> post-training -> evaluation -> results"),
+}
+
+
+def render_main(cfg) -> None:
+    from persistworld.data.render import render_dataset
+    root = render_dataset(cfg.data)
+    print(f"dataset ready in {root}")
+
+
+def _resolve(target: str) -> Callable:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from persistworld.data.dataset import DatasetError
+    from omegaconf.errors import OmegaConfBaseException
+    return (ValueError, FileNotFoundError, DatasetError, OmegaConfBaseException)
+
+
+def _guarded(fn: Callable) -> Callable:
+    def task(cfg):
+        try:
+            return fn(cfg)
+        except _user_errors() as e:
+            print(f"persistworld: error: {e}", file=sys.stderr)
+            sys.exit(2)
+    task.__name__ = fn.__name__
+    task.__module__ = fn.__module__
+    return task
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: persistworld COMMAND [hydra overrides ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`persistworld COMMAND --help` lists the command's config; "
+              "`persistworld COMMAND --cfg job` prints it resolved."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"persistworld: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    config_name, target, _ = COMMANDS[cmd]
+    import hydra
+    fn = _guarded(_resolve(target))
+    sys.argv = [f"persistworld {cmd}", *rest]
+    hydra.main(config_path="pkg://persistworld.conf", config_name=config_name,
+               version_base="1.3")(fn)()
+
+
+if __name__ == "__main__":
+    main()

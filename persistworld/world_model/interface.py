@@ -1,0 +1,86 @@
+"""The world-model contract every backend implements (embedded now, Ctrl-World/SVD later).
+
+Shapes (B = batch, e.g. candidates; H = history frames; L = future frames per chunk;
+V = 3 views in ``VIEWS`` order; A = 7 action dims; pixel frames are float in [0, 1]):
+
+    pixels:   (B, T, V, 3, h, w)            what the dataset and the metrics see
+    latents:  (B, T, C, Hs, Ws)             the model's working space, views laid out inside
+                                            (the embedded model stacks views along height,
+                                            as Ctrl-World does)
+    actions:  (B, T, A)                     normalised to [-1, 1] with the dataset's p01/p99
+
+One generation step ("chunk") maps (history latents, history actions, future actions, noise)
+to L future latents. Rollouts append generated latents to a ``HistoryBuffer`` and repeat.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+VIEWS = ("ext1", "ext2", "wrist")
+
+
+@dataclass
+class HistoryBuffer:
+    """The last H frame latents and their actions that condition the next chunk.
+
+    latents: (B, H, C, Hs, Ws); actions: (B, H, A). Immutable-by-convention: ``push`` returns a
+    new buffer, so branching candidates each own a private copy without extra bookkeeping.
+    """
+
+    latents: torch.Tensor
+    actions: torch.Tensor
+
+    @classmethod
+    def backfill(cls, latent: torch.Tensor, action: torch.Tensor, history: int) -> "HistoryBuffer":
+        """Start a rollout from ONE observed state: repeat its latent (B, C, Hs, Ws) and action
+        (B, A) ``history`` times (METHOD.md §1)."""
+        return cls(latent.unsqueeze(1).repeat(1, history, 1, 1, 1).contiguous(),
+                   action.unsqueeze(1).repeat(1, history, 1).contiguous())
+
+    @property
+    def history(self) -> int:
+        return self.latents.shape[1]
+
+    def push(self, latents: torch.Tensor, actions: torch.Tensor) -> "HistoryBuffer":
+        """Append L new latents (B, L, ...) and actions (B, L, A), keep the last H."""
+        h = self.history
+        return HistoryBuffer(torch.cat([self.latents, latents], 1)[:, -h:].contiguous(),
+                             torch.cat([self.actions, actions], 1)[:, -h:].contiguous())
+
+    def repeat_interleave(self, k: int) -> "HistoryBuffer":
+        """(B, ...) -> (B*k, ...): K private copies per prefix for branching."""
+        return HistoryBuffer(self.latents.repeat_interleave(k, 0),
+                             self.actions.repeat_interleave(k, 0))
+
+
+class WorldModel(abc.ABC, torch.nn.Module):
+    """Action-conditioned multi-view chunk predictor with EDM x0 preconditioning."""
+
+    history: int  # H
+    future: int   # L
+
+    @abc.abstractmethod
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, V, 3, h, w) pixels in [0, 1] -> (B, T, C, Hs, Ws) latents."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, Hs, Ws) latents -> (B, T, V, 3, h, w) pixels in [0, 1]."""
+
+    @abc.abstractmethod
+    def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor, buffer: HistoryBuffer,
+                future_actions: torch.Tensor) -> torch.Tensor:
+        """The preconditioned denoiser D: noisy future latents (B, L, C, Hs, Ws) at noise level
+        sigma (B,) -> clean estimate x0_hat (B, L, C, Hs, Ws). Differentiable."""
+
+    @abc.abstractmethod
+    def sample_chunk(self, buffer: HistoryBuffer, future_actions: torch.Tensor,
+                     generator: torch.Generator | None = None,
+                     num_steps: int | None = None,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample L future latents (B, L, C, Hs, Ws) with the Euler sampler (no grad). The
+        randomness comes only from ``noise`` or ``generator``, so a chunk is reproducible from
+        its seed."""

@@ -1,0 +1,116 @@
+"""The reader: clip shapes and frame/action alignment, evaluation samples, bad files."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from persistworld.data.dataset import ClipDataset, DatasetError, EpisodeStore, RolloutDataset
+
+
+def test_clip_shapes_and_alignment(tiny_dataset):
+    store = EpisodeStore(tiny_dataset)
+    ds = ClipDataset(tiny_dataset, "train", history=6, future=5, stride=2)
+    item = ds[len(ds) // 2]
+    eid, t = item["episode"], item["t"]
+    ep = store.load(eid)
+    V, h, w = ep.rgb.shape[1:4]
+    assert item["hist_frames"].shape == (6, V, 3, h, w)
+    assert item["future_frames"].shape == (5, V, 3, h, w)
+    assert item["hist_actions"].shape == (6, 7) and item["future_actions"].shape == (5, 7)
+    assert item["future_masks"].shape == (5, V, h, w)
+    # frames: history ends at t, future starts one stride later
+    np.testing.assert_array_equal((item["hist_frames"][-1] * 255).round().byte().numpy(),
+                                  ep.rgb[t].transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal((item["future_frames"][0] * 255).round().byte().numpy(),
+                                  ep.rgb[t + 2].transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal((item["future_frames"][-1] * 255).round().byte().numpy(),
+                                  ep.rgb[t + 10].transpose(0, 3, 1, 2))
+    # each future frame is paired with the command sent right before it
+    np.testing.assert_allclose(item["future_actions"][0].numpy(),
+                               store.normalize(ep.action[t + 1]), atol=1e-6)
+    np.testing.assert_allclose(item["hist_actions"][-1].numpy(),
+                               store.normalize(ep.action[t - 1] if t > 0 else ep.eef_pose[0]),
+                               atol=1e-6)
+    assert item["future_actions"].abs().max() <= 1.0
+
+
+def test_clip_index_covers_every_valid_start(tiny_dataset):
+    store = EpisodeStore(tiny_dataset)
+    ds = ClipDataset(tiny_dataset, "train", history=6, future=5, stride=1)
+    expected = sum(store.entry(e)["num_steps"] - 5 for e in store.episode_ids("train"))
+    assert len(ds) == expected
+    first = ds[0]  # t = 0: history is back-filled with frame 0
+    assert first["t"] == 0
+    assert torch.equal(first["hist_frames"][0], first["hist_frames"][-1])
+
+
+def test_rollout_samples(tiny_dataset):
+    ds = RolloutDataset(tiny_dataset, "val", num_chunks=4, future=5)
+    item = ds[0]
+    store = EpisodeStore(tiny_dataset)
+    ep = store.load(item["episode"])
+    t0 = item["start"]
+    assert item["frames"].shape[0] == 20 and item["actions"].shape == (20, 7)
+    np.testing.assert_array_equal((item["start_frame"] * 255).round().byte().numpy(),
+                                  ep.rgb[t0].transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal((item["frames"][0] * 255).round().byte().numpy(),
+                                  ep.rgb[t0 + 1].transpose(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="num_chunks"):
+        RolloutDataset(tiny_dataset, "val", num_chunks=50, future=5)
+
+
+def test_normalisation_maps_percentiles_to_unit_range(tiny_dataset):
+    store = EpisodeStore(tiny_dataset)
+    stats = store.norm_stats["action"]
+    lo, hi = np.array(stats["p01"], np.float32), np.array(stats["p99"], np.float32)
+    varying = hi - lo > 1e-6
+    np.testing.assert_allclose(store.normalize(lo)[varying], -1.0, atol=1e-5)
+    np.testing.assert_allclose(store.normalize(hi)[varying], 1.0, atol=1e-5)
+
+
+def test_missing_dataset_names_the_render_command(tmp_path):
+    with pytest.raises(DatasetError, match="persistworld render"):
+        EpisodeStore(tmp_path / "nowhere")
+
+
+def test_corrupt_and_truncated_episode_errors_name_the_file(tiny_dataset, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, root)
+    store = EpisodeStore(root)
+    eid = store.episode_ids()[0]
+    path = root / store.entry(eid)["file"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated, as a killed copy would leave it
+    with pytest.raises(DatasetError, match=f"{path.name}.*(corrupt|truncated).*persistworld render"):
+        EpisodeStore(root).load(eid)
+    path.write_bytes(b"garbage" * 100)
+    with pytest.raises(DatasetError, match=path.name):
+        EpisodeStore(root).load(eid)
+    path.unlink()
+    with pytest.raises(DatasetError, match="missing"):
+        EpisodeStore(root).load(eid)
+
+
+def test_checksum_verification_catches_silent_corruption(tiny_dataset, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["episodes"][0]["sha256"] = "0" * 64
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="checksum"):
+        EpisodeStore(root, verify_checksums=True).load(manifest["episodes"][0]["id"])
+
+
+def test_preview_png(tiny_dataset, tmp_path):
+    from PIL import Image
+
+    from persistworld.data.preview import write_preview
+    out = write_preview(tiny_dataset, episode=0, num_frames=5, out=tmp_path / "p.png")
+    img = Image.open(out)
+    assert img.width > 5 * 64 * 2 and img.height > 6 * 64 * 2
+    arr = np.asarray(img)
+    assert arr.std() > 10  # not a blank sheet
