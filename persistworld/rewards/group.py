@@ -1,0 +1,31 @@
+"""Group-relative reward weights and best-of-N selection (METHOD.md §3, S3).
+
+Within each group of K candidates branched from the same prefix:
+    A = (R - mean_K R) / (std_K R + eps),   r = (clip(A, -c, c) / c + 1) / 2  in [0, 1]
+with c = 1 in the paper. Shifting or scaling all rewards of a group leaves r unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(R: torch.Tensor, clip: float = 1.0, eps: float = 1e-6
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """R: (B, K) rewards -> (A, r), both (B, K). Population std over the K candidates."""
+    if R.dim() != 2 or R.shape[1] < 2:
+        raise ValueError(f"rewards must be (B, K) with K >= 2, got {tuple(R.shape)}")
+    mean = R.mean(1, keepdim=True)
+    std = R.std(1, unbiased=False, keepdim=True)
+    A = (R - mean) / (std + eps)
+    r = (A.clamp(-clip, clip) / clip + 1.0) / 2.0
+    return A, r
+
+
+def best_of_n(R: torch.Tensor, n: int | None) -> torch.Tensor:
+    """Indices (B, 2n) of the top-n and bottom-n candidates of each group (best first, then
+    worst first); ``n=None`` or ``2n >= K`` keeps all K in reward order."""
+    B, K = R.shape
+    order = torch.argsort(R, dim=1, descending=True, stable=True)
+    if n is None or 2 * n >= K:
+        return order
+    return torch.cat([order[:, :n], order[:, K - n:].flip(1)], 1)

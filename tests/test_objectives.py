@@ -1,0 +1,144 @@
+"""Hand-derivable answers for the NFT objective, group weights, best-of-N, prefix sampling,
+EMA schedules and the optimiser split (issue 4, point 7)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persistworld.objectives.nft import NFTVariant, kl_to_base, nft_loss
+from persistworld.rewards.group import best_of_n, group_advantages
+from persistworld.rollout.prefix import PrefixSampler
+from persistworld.trainers.ema import EMASchedule, ema_update
+from persistworld.trainers.optim import build_optimizer, warmup_cosine
+
+
+def _grad_at_old(r: float, beta: float = 0.3):
+    g = torch.Generator().manual_seed(0)
+    x0_old = torch.randn(1, 2, 3, 4, generator=g)
+    x0 = torch.randn(1, 2, 3, 4, generator=g)
+    theta = x0_old.clone().requires_grad_(True)
+    nft_loss(theta, x0_old, x0, torch.tensor([r]), beta)["loss"].sum().backward()
+    return theta.grad, x0_old, x0
+
+
+@pytest.mark.parametrize("r", [0.0, 0.25, 0.5, 1.0])
+def test_gradient_at_old_policy_is_2r_minus_1_times_old_minus_candidate(r):
+    beta = 0.3
+    grad, x0_old, x0 = _grad_at_old(r, beta)
+    expected = 2 * beta * (2 * r - 1) * (x0_old - x0) / x0.numel()
+    torch.testing.assert_close(grad, expected)
+
+
+def test_gradient_direction_toward_good_and_away_from_bad_candidates():
+    g1, x0_old, x0 = _grad_at_old(1.0)
+    g0, _, _ = _grad_at_old(0.0)
+    gh, _, _ = _grad_at_old(0.5)
+    toward = (x0 - x0_old).flatten()
+    assert torch.dot(-g1.flatten(), toward) > 0   # descent moves toward the candidate at r=1
+    assert torch.dot(-g0.flatten(), toward) < 0   # and away from it at r=0
+    assert gh.abs().max() < 1e-7                  # no push at r=1/2 (float rounding only)
+
+
+def test_beta_to_zero_recovers_denoising_against_old_policy():
+    g = torch.Generator().manual_seed(1)
+    x0_old, x0, theta = (torch.randn(3, 8, generator=g) for _ in range(3))
+    out = nft_loss(theta, x0_old, x0, torch.tensor([0.1, 0.5, 0.9]), beta=1e-8)
+    torch.testing.assert_close(out["loss"], (x0_old - x0).pow(2).mean(1))
+
+
+def test_variants_scale_as_documented():
+    g = torch.Generator().manual_seed(2)
+    x0_old, x0, theta = (torch.randn(2, 5, generator=g) for _ in range(3))
+    r = torch.tensor([0.2, 0.8])
+    base = nft_loss(theta, x0_old, x0, r, 0.5)["loss"]
+    scaled = nft_loss(theta, x0_old, x0, r, 0.5, NFTVariant(inv_beta_scale=True,
+                                                            adv_clip_scale=5.0))["loss"]
+    torch.testing.assert_close(scaled, base / 0.5 * 5.0)
+    adaptive = nft_loss(theta, x0_old, x0, r, 0.5, NFTVariant(adaptive_weighting=True))
+    x0_pos = 0.5 * x0_old + 0.5 * theta
+    torch.testing.assert_close(adaptive["pos"], (x0_pos - x0).pow(2).mean(1)
+                               / (x0_pos - x0).abs().mean(1))
+    with pytest.raises(ValueError, match="beta"):
+        nft_loss(theta, x0_old, x0, r, 0.0)
+
+
+def test_kl_to_base_is_zero_at_base_and_per_sample():
+    x = torch.randn(4, 3, 2)
+    assert kl_to_base(x, x).shape == (4,) and kl_to_base(x, x).abs().max() == 0
+    torch.testing.assert_close(kl_to_base(x + 2.0, x), torch.full((4,), 4.0))
+
+
+def test_group_weights_invariant_to_shift_and_scale():
+    R = torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.3], [3.0, 1.0, 2.0, 2.5, 0.0]])
+    A, r = group_advantages(R)
+    A2, r2 = group_advantages(R * 7.5 - 3.0)
+    torch.testing.assert_close(r, r2)
+    torch.testing.assert_close(A, A2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(A.mean(1), torch.zeros(2), atol=1e-6, rtol=0)
+    assert r.min() >= 0 and r.max() <= 1
+    # hand case: K=2 -> A = +-1 exactly (population std) -> r = 1 and 0
+    _, r_two = group_advantages(torch.tensor([[1.0, 3.0]]))
+    torch.testing.assert_close(r_two, torch.tensor([[0.0, 1.0]]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        group_advantages(torch.ones(3, 1))
+
+
+def test_best_of_n_picks_exactly_top_and_bottom():
+    R = torch.tensor([[5.0, 1.0, 9.0, 3.0, 7.0, 0.0, 8.0, 2.0]])
+    idx = best_of_n(R, 2)
+    assert idx.tolist() == [[2, 6, 5, 1]]  # top-2 (9, 8) then bottom-2 (0, 1)
+    assert best_of_n(R, None).shape == (1, 8)
+    assert sorted(best_of_n(R, 4)[0].tolist()) == list(range(8))
+
+
+def test_prefix_strategies_follow_their_distributions():
+    g = torch.Generator().manual_seed(0)
+    uni = PrefixSampler("uniform", 0, 9).sample(0, 20000, g)
+    counts = torch.bincount(uni, minlength=10).float()
+    assert uni.min() == 0 and uni.max() == 9
+    assert (counts / 20000 - 0.1).abs().max() < 0.015
+    assert PrefixSampler("fixed", 3).sample(5, 100, g).eq(3).all()
+    cur = PrefixSampler("curriculum", 0, 8, ramp_steps=100)
+    assert cur.sample(0, 500, g).eq(0).all()
+    assert cur.sample(50, 5000, g).max() == 4
+    late = cur.sample(1000, 5000, g)
+    assert late.min() == 0 and late.max() == 8
+    with pytest.raises(ValueError, match="rollout.prefix.strategy"):
+        PrefixSampler("random")
+
+
+def test_old_policy_schedules():
+    assert EMASchedule("paper").decay(0) == 0.0
+    assert EMASchedule("paper").decay(250) == pytest.approx(0.25)
+    assert EMASchedule("paper").decay(500) == EMASchedule("paper").decay(8000) == 0.5
+    assert EMASchedule("linear", max=0.5, a=0.001).decay(100) == pytest.approx(0.1)
+    assert EMASchedule("affine", max=0.9, start=0.2, a=0.01).decay(10) == pytest.approx(0.3)
+    assert EMASchedule("affine", max=0.9, start=0.2, a=0.01).decay(1000) == 0.9
+    assert EMASchedule("none").decay(10) == 1.0 and EMASchedule("copy").decay(10) == 0.0
+    with pytest.raises(ValueError, match="old_policy.schedule"):
+        EMASchedule("cosine")
+    t, s = [torch.zeros(3)], [torch.ones(3)]
+    ema_update(t, s, 0.75)
+    torch.testing.assert_close(t[0], torch.full((3,), 0.25))
+
+
+def test_muon_takes_matrices_and_adamw_the_rest():
+    lin = torch.nn.Linear(4, 3)
+    opt = build_optimizer(lin.parameters(), "muon", lr=1e-2)
+    kinds = [type(o).__name__ for o in opt.optimizers]
+    assert kinds == ["Muon", "AdamW"]
+    lin(torch.randn(5, 4)).pow(2).sum().backward()
+    before = lin.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, lin.weight)
+    opt.set_lr_factor(0.5)
+    assert all(g["lr"] == g["base_lr"] * 0.5 for g in opt.param_groups)
+    with pytest.raises(ValueError, match="optim.name"):
+        build_optimizer(lin.parameters(), "sgd")
+
+
+def test_warmup_cosine():
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(100, 10, 100, final=0.1) == pytest.approx(0.1)
+    assert warmup_cosine(50, 0, 100) == 1.0
