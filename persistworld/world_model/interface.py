@@ -82,5 +82,10 @@ class WorldModel(abc.ABC, torch.nn.Module):
                      num_steps: int | None = None,
                      noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample L future latents (B, L, C, Hs, Ws) with the Euler sampler (no grad). The
-        randomness comes only from ``noise`` or ``generator``, so a chunk is reproducible from
+        randomness comes only from ``noise`` (standard normal, (B, L, C, Hs, Ws); the sampler
+        scales it by the first sigma) or else ``generator``, so a chunk is reproducible from
         its seed."""
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, Hs, Ws) of one frame latent (all views)."""
+        raise NotImplementedError
