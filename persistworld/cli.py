@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "write a PNG contact sheet (views x time, RGB and masks) of one episode"),
     "train-base": ("train_base", "persistworld.trainers.base:train_base",
                    "teacher-forced base training of the world model"),
+    "post-train": ("post_train", "persistworld.trainers.post_train:post_train",
+                   "PersistWorld RL post-training of a base world model"),
+    "evaluate": ("evaluate", "persistworld.evaluation.run:evaluate_main",
+                 "autoregressive / teacher-forced rollout evaluation with videos"),
     "pipeline": ("pipeline", "persistworld.pipeline:pipeline_main",
                  "the main job: data -> base model -> post-training -> evaluation -> results"),
 }

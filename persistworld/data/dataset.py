@@ -195,8 +195,10 @@ class RolloutDataset(torch.utils.data.Dataset):
     ``num_chunks`` chunks of L frames (METHOD.md §5), with the commands along the way."""
 
     def __init__(self, root: str | Path, split: str = "val", num_chunks: int = 14,
-                 future: int = 5, stride: int = 1, starts_per_episode: int = 1,
+                 future: int = 5, stride: int = 1, starts_per_episode: int | None = 1,
                  max_samples: int | None = None):
+        """``starts_per_episode``: evenly spaced start frames per episode (1 = the first
+        frame); None = every valid start (what post-training samples from)."""
         self.store = EpisodeStore(root)
         self.num_chunks, self.future, self.stride = num_chunks, future, stride
         self._episodes = _EpisodeCache(self.store, size=8)
@@ -209,7 +211,8 @@ class RolloutDataset(torch.utils.data.Dataset):
             if room < 0:
                 too_short.append((eid, T))
                 continue
-            starts = np.linspace(0, room, starts_per_episode).round().astype(int)
+            starts = (np.arange(room + 1) if starts_per_episode is None else
+                      np.linspace(0, room, starts_per_episode).round().astype(int))
             self.index.extend((eid, int(t0)) for t0 in sorted(set(starts.tolist())))
         if max_samples is not None:
             self.index = self.index[:max_samples]

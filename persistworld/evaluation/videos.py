@@ -1,0 +1,50 @@
+"""Side-by-side rollout videos: ground truth | model(s), all three views, as animated GIFs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from persistworld.utils.io import atomic_path
+from persistworld.world_model.interface import VIEWS
+
+
+def _to_uint8(frames) -> np.ndarray:
+    """(T, V, 3, h, w) float in [0, 1] (tensor or array) -> (T, V, h, w, 3) uint8."""
+    arr = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
+    return (arr.clip(0, 1) * 255 + 0.5).astype(np.uint8).transpose(0, 1, 3, 4, 2)
+
+
+def side_by_side(rows: dict[str, object], scale: int = 2, fps_hint: int = 5) -> list[np.ndarray]:
+    """rows: label -> (T, V, 3, h, w) frames. Returns T images: one row per label, one column
+    per view, with the labels and the frame index drawn on."""
+    arrays = {k: _to_uint8(v) for k, v in rows.items()}
+    T, V, h, w, _ = next(iter(arrays.values())).shape
+    label_w, top, pad = 64, 14, 2
+    W = label_w + V * (w * scale + pad)
+    H = top + len(arrays) * (h * scale + pad)
+    images = []
+    for t in range(T):
+        canvas = Image.new("RGB", (W, H), "white")
+        draw = ImageDraw.Draw(canvas)
+        for v in range(V):
+            draw.text((label_w + v * (w * scale + pad) + 2, 1), VIEWS[v], fill="black")
+        draw.text((2, 1), f"{t / fps_hint:.1f}s", fill="black")
+        for r, (label, arr) in enumerate(arrays.items()):
+            y = top + r * (h * scale + pad)
+            draw.text((2, y + h * scale // 2 - 5), label, fill="black")
+            for v in range(V):
+                tile = Image.fromarray(arr[t, v]).resize((w * scale, h * scale), Image.NEAREST)
+                canvas.paste(tile, (label_w + v * (w * scale + pad), y))
+        images.append(np.asarray(canvas))
+    return images
+
+
+def write_gif(path: str | Path, images: list[np.ndarray], fps: int = 5) -> Path:
+    path = Path(path)
+    frames = [Image.fromarray(im) for im in images]
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                       duration=int(1000 / fps), loop=0)
+    return path

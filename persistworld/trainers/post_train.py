@@ -1,0 +1,439 @@
+"""PersistWorld RL post-training (METHOD.md §2-4, Algorithm 1).
+
+One training step, as labelled stages:
+    S0 starts   B (episode, start frame) pairs and prefix lengths P, from the step's seed
+    S1 prefix   roll out P chunks from each start with the model's own outputs (no grad)
+    S2 branch   K candidates of F chunks from each frozen prefix, batched over all B*K
+    S3 score    multi-view LPIPS/SSIM/PSNR reward vs ground truth -> group-normalised r
+    S3b select  best-of-N: keep the top-n and bottom-n of each group
+    S4 update   x0-adapted NFT loss (+ KL to base) on re-noised candidates, optimiser step
+    S5 ema      old policy <- EMA(policy) by its schedule; optional policy EMA
+    S6 record   metrics.jsonl, numbered checkpoints, status
+
+The policy, the old policy and the base model are three copies of the same world model:
+policy = base + trainable LoRA adapters + trainable action encoder; old policy = an EMA of the
+policy's trainable parameters; base = adapters off (a frozen copy), for the KL term.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from persistworld.data.dataset import EpisodeStore, RolloutDataset
+from persistworld.objectives.nft import NFTVariant, kl_to_base, nft_loss
+from persistworld.rewards.group import best_of_n, group_advantages
+from persistworld.rewards.reward import MultiViewReward, RewardWeights
+from persistworld.rollout.branching import Branches, branch, rollout_prefix
+from persistworld.rollout.prefix import PrefixSampler
+from persistworld.trainers.ema import EMASchedule, ema_update
+from persistworld.trainers.optim import build_optimizer, warmup_cosine
+from persistworld.utils.rundir import RunDir, rng_state, seed_everything, set_rng_state
+from persistworld.utils.seeding import derive_seed
+from persistworld.world_model.interface import HistoryBuffer, WorldModel
+
+SIGMA_SOURCES = ("lognormal", "sampler_grid")
+SAMPLING_POLICIES = ("current", "old")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, validated before any compute
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setup:
+    """The derived arithmetic of one step, printed before training starts."""
+
+    batch_prefixes: int       # B
+    group_size: int           # K
+    kept_per_group: int       # 2n, or K without best-of-N
+    branch_chunks: int        # F
+    future: int               # L
+    max_prefix_chunks: int    # max P
+
+    @property
+    def candidates_per_step(self) -> int:
+        return self.batch_prefixes * self.group_size
+
+    @property
+    def update_samples_per_step(self) -> int:
+        return self.batch_prefixes * self.kept_per_group * self.branch_chunks
+
+    @property
+    def frames_needed(self) -> int:
+        """Ground-truth frames after the start a training sample must have."""
+        return (self.max_prefix_chunks + self.branch_chunks) * self.future
+
+    def describe(self) -> str:
+        return (f"per step: {self.batch_prefixes} prefixes x K={self.group_size} candidates = "
+                f"{self.candidates_per_step} rollouts of {self.branch_chunks} chunk(s); "
+                f"{self.kept_per_group} kept per group -> {self.update_samples_per_step} "
+                f"chunk updates; prefixes up to {self.max_prefix_chunks} chunks, so a start "
+                f"needs {self.frames_needed} frames after it")
+
+
+def validate(cfg: DictConfig) -> tuple[Setup, PrefixSampler, RewardWeights, EMASchedule,
+                                       NFTVariant]:
+    """Every impossible setting fails here with one message naming it, before any work."""
+    r = cfg.rollout
+    K = int(r.group_size)
+    if K < 2:
+        raise ValueError(f"rollout.group_size (K) must be >= 2 to normalise within a group, "
+                         f"got {K}")
+    n = r.best_of_n
+    if n is not None:
+        n = int(n)
+        if n < 1 or 2 * n > K:
+            raise ValueError(f"rollout.best_of_n={n} keeps top-{n} and bottom-{n}, which needs "
+                             f"1 <= n and 2n <= rollout.group_size={K} (null keeps all)")
+    if int(r.branch_chunks) < 1:
+        raise ValueError(f"rollout.branch_chunks (F) must be >= 1, got {r.branch_chunks}")
+    if r.sampling_policy not in SAMPLING_POLICIES:
+        raise ValueError(f"rollout.sampling_policy: unknown {r.sampling_policy!r} (choose from "
+                         f"{', '.join(SAMPLING_POLICIES)})")
+    prefix = PrefixSampler(**OmegaConf.to_container(r.prefix))
+    weights = RewardWeights(**{k: float(v) for k, v in cfg.reward.items() if k != "adv_clip"})
+    if float(cfg.reward.adv_clip) <= 0:
+        raise ValueError(f"reward.adv_clip must be > 0, got {cfg.reward.adv_clip}")
+    old = EMASchedule(**OmegaConf.to_container(cfg.old_policy))
+    o = cfg.objective
+    if float(o.beta) <= 0:
+        raise ValueError(f"objective.beta must be > 0, got {o.beta}")
+    if o.sigma not in SIGMA_SOURCES:
+        raise ValueError(f"objective.sigma: unknown {o.sigma!r} (choose from "
+                         f"{', '.join(SIGMA_SOURCES)})")
+    if float(o.w_kl) < 0:
+        raise ValueError(f"objective.w_kl must be >= 0, got {o.w_kl}")
+    variant = NFTVariant(bool(o.inv_beta_scale), bool(o.adaptive_weighting),
+                         float(cfg.reward.adv_clip) if o.adv_clip_scale else 1.0)
+    if not 0.0 <= float(cfg.policy_ema.decay) < 1.0:
+        raise ValueError(f"policy_ema.decay must be in [0, 1), got {cfg.policy_ema.decay}")
+    t = cfg.trainer
+    if int(t.steps) < 1 or int(t.batch_size) < 1:
+        raise ValueError("trainer.steps and trainer.batch_size must be >= 1")
+    if cfg.lora.rank < 1:
+        raise ValueError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
+    setup = Setup(int(t.batch_size), K, K if n is None else 2 * n, int(r.branch_chunks),
+                  int(cfg.data.future), prefix.max_chunks)
+    return setup, prefix, weights, old, variant
+
+
+def check_episode_lengths(store: EpisodeStore, setup: Setup, stride: int) -> None:
+    longest = max(store.entry(e)["num_steps"] for e in store.episode_ids("train"))
+    need = setup.frames_needed * stride + 1
+    if need > longest:
+        raise ValueError(f"a prefix of up to {setup.max_prefix_chunks} chunks plus "
+                         f"rollout.branch_chunks={setup.branch_chunks} needs {need} frames, but "
+                         f"the longest training episode has {longest}: lower "
+                         f"rollout.prefix.high / rollout.branch_chunks or render longer "
+                         f"episodes")
+
+
+# --------------------------------------------------------------------------------------------
+# Policy construction: LoRA on the UNet + trainable action encoder, everything else frozen
+# --------------------------------------------------------------------------------------------
+def add_lora(model: WorldModel, rank: int, alpha: float, target_modules: list[str],
+             train_action_encoder: bool = True) -> list[str]:
+    """Inject LoRA adapters with peft and freeze all but adapters (+ action encoder).
+    Returns the names of the trainable parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+    unet = model.adapter_root()
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                       target_modules=list(target_modules)), unet)
+    trainable = []
+    for name, p in model.named_parameters():
+        is_adapter = "lora_" in name
+        is_action = train_action_encoder and name.startswith("action_encoder.")
+        p.requires_grad_(is_adapter or is_action)
+        if p.requires_grad:
+            trainable.append(name)
+    if not any("lora_" in n for n in trainable):
+        raise ValueError(f"lora.target_modules={list(target_modules)} matched no module of the "
+                         f"world model's UNet")
+    return trainable
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A plain (adapter-free) state dict with the LoRA deltas merged into the base weights, so
+    the post-trained model loads like any base model."""
+    from peft.tuners.lora import LoraLayer
+    merged = copy.deepcopy(model)
+    for module in merged.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    out = {}
+    for k, v in merged.state_dict().items():
+        if "lora_" in k:
+            continue
+        out[k.replace(".base_layer.", ".")] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+class PostTrainer:
+    def __init__(self, cfg: DictConfig):
+        from persistworld.world_model import load_world_model
+        self.cfg = cfg
+        (self.setup, self.prefix, weights, self.old_schedule,
+         self.variant) = validate(cfg)
+        self.store = EpisodeStore(cfg.data.root)
+        check_episode_lengths(self.store, self.setup, int(cfg.data.stride))
+        self.device = torch.device(cfg.trainer.device)
+        self.run = RunDir(cfg.run_dir)
+        torch.set_num_threads(int(cfg.trainer.num_threads or os.cpu_count() or 1))
+        seed_everything(int(cfg.seed))
+
+        base = load_world_model(cfg.base_model).to(self.device).eval()
+        self.base = base.requires_grad_(False)
+        self.policy = copy.deepcopy(base)
+        self.trainable = add_lora(self.policy, int(cfg.lora.rank), float(cfg.lora.alpha),
+                                  list(cfg.lora.target_modules),
+                                  bool(cfg.lora.train_action_encoder))
+        self.old = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        self.ema = (copy.deepcopy(self.policy).requires_grad_(False).eval()
+                    if float(cfg.policy_ema.decay) > 0 else None)
+        self.frozen_reference = {n: p.detach().clone() for n, p in
+                                 self.policy.named_parameters() if not p.requires_grad}
+        self.reward = MultiViewReward(weights, device=str(self.device))
+        o = cfg.optim
+        self.opt = build_optimizer([p for p in self.policy.parameters() if p.requires_grad],
+                                   o.name, float(o.lr), float(o.weight_decay))
+        self.data = RolloutDataset(cfg.data.root, "train", self.setup.max_prefix_chunks
+                                   + self.setup.branch_chunks, self.setup.future,
+                                   int(cfg.data.stride), starts_per_episode=None)
+        self.step = 0
+
+    # -- resume --------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"policy": trainable_state(self.policy), "old": trainable_state_of(self.old,
+                                                                               self.trainable),
+                "ema": None if self.ema is None else trainable_state_of(self.ema,
+                                                                        self.trainable),
+                "optimizer": self.opt.state_dict(), "rng": rng_state()}
+
+    def load(self, ckpt: dict) -> None:
+        load_named(self.policy, ckpt["policy"])
+        load_named(self.old, ckpt["old"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            load_named(self.ema, ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+
+    # -- S0: starts and prefix lengths ------------------------------------------------------
+    def stage_starts(self) -> tuple[dict, torch.Tensor, list[int]]:
+        g = torch.Generator().manual_seed(derive_seed(int(self.cfg.seed), self.step, 0))
+        B = self.setup.batch_prefixes
+        idx = torch.randint(len(self.data), (B,), generator=g).tolist()
+        items = [self.data[i] for i in idx]
+        batch = {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k])
+                 else torch.tensor([it[k] for it in items]) for k in items[0]}
+        P = self.prefix.sample(self.step, B, g)
+        seeds = [derive_seed(int(self.cfg.seed), self.step, b + 1) for b in range(B)]
+        return batch, P, seeds
+
+    # -- S1 + S2: prefix and branches -------------------------------------------------------
+    def stage_rollouts(self, batch: dict, P: torch.Tensor, seeds: list[int]
+                       ) -> tuple[Branches, torch.Tensor]:
+        sampler = self.policy if self.cfg.rollout.sampling_policy == "current" else self.old
+        L, F = self.setup.future, self.setup.branch_chunks
+        steps = self.cfg.rollout.sampler_steps
+        start = sampler.encode(batch["start_frame"].unsqueeze(1).to(self.device))[:, 0]
+        buffer = HistoryBuffer.backfill(start, batch["start_action"].to(self.device),
+                                        sampler.history)
+        acts = batch["actions"].to(self.device)                          # (B, (Pmax+F)*L, A)
+        prefix = rollout_prefix(sampler, buffer, acts, P, seeds, steps)
+        # the F*L frames right after each sample's own prefix
+        rows = torch.arange(len(P))
+        offs = P[:, None] * L + torch.arange(F * L)[None]                 # (B, F*L)
+        branch_actions = acts[rows[:, None], offs]
+        truth = batch["frames"][rows[:, None], offs]                     # (B, F*L, V, 3, h, w)
+        cands = branch(sampler, prefix, branch_actions, self.setup.group_size, F, seeds, steps)
+        return cands, truth
+
+    # -- S3: rewards and group weights ------------------------------------------------------
+    def stage_score(self, cands: Branches, truth: torch.Tensor, sampler: WorldModel):
+        B, K = self.setup.batch_prefixes, self.setup.group_size
+        pixels = sampler.decode(cands.clip()).clamp(0, 1).cpu()         # (B*K, F*L, V, 3, h, w)
+        target = truth.repeat_interleave(K, 0)
+        R, info = self.reward(pixels, target)
+        A, r = group_advantages(R.view(B, K), clip=float(self.cfg.reward.adv_clip))
+        return R.view(B, K), A, r, info
+
+    # -- S4: the NFT update -----------------------------------------------------------------
+    def sample_sigma(self, n: int, g: torch.Generator) -> torch.Tensor:
+        from persistworld.world_model.edm import sample_training_sigma
+        if self.cfg.objective.sigma == "lognormal":
+            return sample_training_sigma(n, g)
+        grid = self.policy.sampler_sigmas(self.cfg.rollout.sampler_steps)[:-1]  # drop final 0
+        return grid[torch.randint(len(grid), (n,), generator=g)]
+
+    def stage_update(self, cands: Branches, keep: torch.Tensor, r: torch.Tensor) -> dict:
+        """keep: (B, M) kept candidate indices per group; r: (B, K) reward weights."""
+        K, o = self.setup.group_size, self.cfg.objective
+        flat = (keep + torch.arange(keep.shape[0])[:, None] * K).flatten()  # (B*M,)
+        r_kept = r.flatten()[flat].to(self.device)
+        g = torch.Generator().manual_seed(derive_seed(int(self.cfg.seed), self.step, 10**6))
+        self.policy.train()
+        self.opt.zero_grad()
+        parts = {"loss": 0.0, "loss/pos": 0.0, "loss/neg": 0.0, "loss/kl": 0.0,
+                 "old_deviation": 0.0}
+        F = len(cands.latents)
+        micro = int(self.cfg.trainer.micro_batch or len(flat))
+        for c in range(F):
+            for s in range(0, len(flat), micro):
+                sel = flat[s:s + micro]
+                x0 = cands.latents[c][sel]                                 # (m, L, C, Hs, Ws)
+                buf = HistoryBuffer(cands.buffers[c].latents[sel], cands.buffers[c].actions[sel])
+                acts = cands.actions[c][sel]
+                sigma = self.sample_sigma(len(sel), g).to(self.device)
+                eps = torch.randn(x0.shape, generator=g).to(self.device)
+                x_sigma = x0 + sigma.view(-1, *[1] * (x0.dim() - 1)) * eps
+                x0_theta = self.policy.denoise(x_sigma, sigma, buf, acts)
+                with torch.no_grad():
+                    x0_old = self.old.denoise(x_sigma, sigma, buf, acts)
+                    x0_base = (self.base.denoise(x_sigma, sigma, buf, acts)
+                               if float(o.w_kl) > 0 else None)
+                out = nft_loss(x0_theta, x0_old, x0, r_kept[s:s + micro], float(o.beta),
+                               self.variant)
+                loss = out["loss"]
+                if x0_base is not None:
+                    kl = kl_to_base(x0_theta, x0_base)
+                    loss = loss + float(o.w_kl) * kl
+                    parts["loss/kl"] += kl.sum().item()
+                frac = 1.0 / (len(flat) * F)
+                (loss.sum() * frac).backward()
+                parts["loss"] += loss.sum().item() * frac
+                parts["loss/pos"] += out["pos"].sum().item() * frac
+                parts["loss/neg"] += out["neg"].sum().item() * frac
+                parts["old_deviation"] += (x0_theta.detach() - x0_old).pow(2).flatten(1) \
+                    .mean(1).sqrt().sum().item() * frac
+        parts["loss/kl"] /= len(flat) * F
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        clip = float(self.cfg.optim.grad_clip or 0)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        self.opt.set_lr_factor(warmup_cosine(self.step, int(self.cfg.optim.warmup_steps),
+                                             int(self.cfg.trainer.steps)))
+        self.opt.step()
+        self.policy.eval()
+        parts["grad_norm"] = float(gnorm)
+        return parts
+
+    # -- S5: EMA of the old policy and of the policy ----------------------------------------
+    def stage_ema(self) -> float:
+        d = self.old_schedule.decay(self.step)
+        ema_update(trainable_params(self.old, self.trainable),
+                   trainable_params(self.policy, self.trainable), d)
+        if self.ema is not None:
+            ema_update(trainable_params(self.ema, self.trainable),
+                       trainable_params(self.policy, self.trainable),
+                       float(self.cfg.policy_ema.decay))
+        return d
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self) -> Path:
+        cfg, run = self.cfg, self.run
+        if run.is_completed():
+            print(f"{run.root} is already completed; nothing to do")
+            return run.root / "model.pt"
+        run.write_config(OmegaConf.to_yaml(cfg, resolve=True), cfg.get("overrides") or [])
+        ckpt = run.load_latest_checkpoint()
+        if ckpt is not None:
+            self.load(ckpt)
+            run.truncate_metrics_after(self.step)
+            run.log(f"resumed from step {self.step}")
+        print(self.setup.describe())
+        run.set_status("running", self.step)
+        total = int(cfg.trainer.steps)
+        bar = tqdm(total=total, initial=self.step, desc="post-train", unit="step",
+                   disable=not sys.stderr.isatty() and not cfg.trainer.progress)
+        try:
+            while self.step < total:
+                times = {}
+                t = time.perf_counter()
+                batch, P, seeds = self.stage_starts()                               # S0
+                sampler = self.policy if cfg.rollout.sampling_policy == "current" else self.old
+                cands, truth = self.stage_rollouts(batch, P, seeds)                 # S1 + S2
+                times["time/rollout"] = time.perf_counter() - t
+                t = time.perf_counter()
+                R, A, r, info = self.stage_score(cands, truth, sampler)             # S3
+                keep = best_of_n(R, cfg.rollout.best_of_n)                          # S3b
+                times["time/reward"] = time.perf_counter() - t
+                t = time.perf_counter()
+                parts = self.stage_update(cands, keep, r)                           # S4
+                times["time/update"] = time.perf_counter() - t
+                decay = self.stage_ema()                                            # S5
+                self.step += 1
+                self.check_frozen()
+                metrics = {**parts, **times, "old_decay": decay,
+                           "reward/mean": R.mean(), "reward/std": R.std(unbiased=False),
+                           "reward/group_std": R.std(1, unbiased=False).mean(),
+                           "adv/abs_mean": A.abs().mean(),
+                           "adv/clipped_frac": (A.abs() > float(cfg.reward.adv_clip)).float()
+                           .mean(),
+                           "kept_frac": keep.shape[1] / self.setup.group_size,
+                           "prefix/mean": P.float().mean(),
+                           **{f"reward/{k}": v.mean() for k, v in info.items()}}
+                run.log_metrics(self.step, "train", metrics)                        # S6
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['loss']:.4f}", R=f"{R.mean():.3f}")
+                if self.step % int(cfg.trainer.ckpt_every) == 0 or self.step == total:
+                    run.save_checkpoint(self.step, self.state())
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                run.set_status("interrupted", self.step)
+            else:
+                run.mark_failed(e, self.step)
+            raise
+        finally:
+            bar.close()
+        return self.finish()
+
+    def check_frozen(self) -> None:
+        if self.step in (1, int(self.cfg.trainer.steps)):
+            for n, p in self.policy.named_parameters():
+                if not p.requires_grad and not torch.equal(p, self.frozen_reference[n]):
+                    raise AssertionError(f"frozen parameter {n} changed during post-training")
+
+    def finish(self) -> Path:
+        from persistworld.world_model import save_world_model
+        final = self.ema if self.ema is not None else self.policy
+        path = self.run.root / "model.pt"
+        save_world_model(self.base, path, state_dict=merged_state_dict(final))
+        self.run.set_status("completed", self.step)
+        return path
+
+
+def trainable_params(model: torch.nn.Module, names: list[str]) -> list[torch.Tensor]:
+    params = dict(model.named_parameters())
+    return [params[n] for n in names]
+
+
+def trainable_state_of(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().clone() for n in names}
+
+
+@torch.no_grad()
+def load_named(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for n, v in state.items():
+        params[n].copy_(v)
+
+
+def post_train(cfg: DictConfig) -> Path:
+    """`persistworld post-train [overrides]`: RL post-training, then its evaluation."""
+    trainer = PostTrainer(cfg)
+    return trainer.train()
