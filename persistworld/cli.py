@@ -32,6 +32,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# name -> ("module:main(argv)", one-line help): plain argparse commands (no Hydra config)
+PLAIN_COMMANDS: dict[str, tuple[str, str]] = {
+    "report": ("persistworld.analysis.report:main",
+               "render a sweep's report (tables, statistics, figures) from run directories"),
+    "collect": ("persistworld.analysis.collect:main",
+                "collect run directories into one table (Parquet and CSV)"),
+}
+
+
 def render_main(cfg) -> None:
     from persistworld.data.render import render_dataset
     root = render_dataset(cfg.data)
@@ -64,7 +73,9 @@ def _guarded(fn: Callable) -> Callable:
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: persistworld COMMAND [hydra overrides ...]", "", "commands:"]
+    width = max(width, *map(len, PLAIN_COMMANDS))
     lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in PLAIN_COMMANDS.items()]
     lines += ["", "`persistworld COMMAND --help` lists the command's config; "
               "`persistworld COMMAND --cfg job` prints it resolved."]
     return "\n".join(lines)
@@ -76,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     cmd, rest = argv[0], argv[1:]
+    if cmd in PLAIN_COMMANDS:
+        sys.exit(_resolve(PLAIN_COMMANDS[cmd][0])(rest) or 0)
     if cmd not in COMMANDS:
         print(f"persistworld: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)

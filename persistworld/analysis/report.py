@@ -1,0 +1,356 @@
+"""One command from a sweep directory to its report (Markdown + HTML, tables, figures).
+
+    python -m persistworld.analysis.report SWEEP_DIR [SWEEP_DIR ...] [--factor cfg.key ...]
+        [--eval NAME ...] [--out DIR] [--seed-key cfg.seed] [--baseline LABEL] [--embed]
+
+Writes into ``--out`` (default ``SWEEP_DIR/report``):
+
+    report.md, report.html            the report (HTML links the PNGs, or embeds them: --embed)
+    runs.parquet, runs.csv            the runs table (every run, failed ones included)
+    problems.csv                      runs that are failed / incomplete / missing pieces
+    tables/<eval>_table.{md,tex,csv}  paper-layout table (mean ± std over seeds, n)
+    tables/<eval>_masked.{md,tex,csv} Table 2 layout (object-only / robot-only), if present
+    tables/<eval>_conditions.csv      per condition and metric: mean, std, n, bootstrap CI
+    tables/<eval>_paired.csv          paired per-sample comparisons against the baseline
+    tables/<eval>_curves.csv          metric vs rollout step, with intervals over samples
+    figures/*.png, figures/*.pdf      factor vs metric, metric vs time, paired deltas, training
+    tables/policy_agreement.csv       with --policy-csv: Pearson r and MMRV per world model
+    tables/elo.csv                    with --votes-csv: Elo with bootstrap interval
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from persistworld.analysis import figures as F
+from persistworld.analysis.collect import (GROUPS, METRICS, collect_frames, collect_runs,
+                                           condition_labels, condition_order, infer_factors,
+                                           problem_runs, read_metrics, write_table)
+from persistworld.analysis.stats import (paired_table, preference_study, step_curves,
+                                         summarize_conditions)
+from persistworld.analysis.stats import policy_agreement_table as stats_policy_table
+from persistworld.analysis.tables import (ablation_table, cameras_table, masked_table,
+                                          metric_column)
+from persistworld.utils.io import atomic_write_text
+
+LAYOUT_BUILDERS = {"ablation": ablation_table, "cameras": cameras_table}
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s)).strip("_") or "x"
+
+
+@dataclass
+class _Doc:
+    """The report as a list of blocks, rendered to Markdown and HTML alike."""
+    out_dir: Path
+    embed: bool = False
+    md: list[str] = field(default_factory=list)
+    html: list[str] = field(default_factory=list)
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.md.append(f"{'#' * level} {text}\n")
+        self.html.append(f"<h{level}>{_inline_html(text)}</h{level}>")
+
+    def para(self, text: str) -> None:
+        self.md.append(text + "\n")
+        self.html.append(f"<p>{_inline_html(text)}</p>")
+
+    def table(self, md: str, html_table: str) -> None:
+        self.md.append(md)
+        self.html.append(html_table)
+
+    def frame(self, df: pd.DataFrame, floatfmt: str = "{:.4g}") -> None:
+        if df.empty:
+            self.para("(none)")
+            return
+        shown = df.copy()
+        for c in shown.columns:
+            if pd.api.types.is_float_dtype(shown[c]):
+                shown[c] = shown[c].map(lambda v: "" if pd.isna(v) else floatfmt.format(v))
+        shown = shown.astype(str)
+        head = "| " + " | ".join(shown.columns) + " |"
+        sep = "|" + "|".join("---" for _ in shown.columns) + "|"
+        body = ["| " + " | ".join(v.replace("|", r"\|").replace("\n", " ") for v in row) + " |"
+                for row in shown.itertuples(index=False)]
+        self.md.append("\n".join([head, sep, *body]) + "\n")
+        self.html.append(shown.to_html(index=False, border=0, classes="data"))
+
+    def figure(self, paths: Sequence[Path], caption: str) -> None:
+        png = next(p for p in paths if p.suffix == ".png")
+        rel = png.relative_to(self.out_dir).as_posix()
+        others = " ".join(f"[{p.suffix[1:]}]({p.relative_to(self.out_dir).as_posix()})"
+                          for p in paths if p.suffix != ".png")
+        self.md.append(f"![{caption}]({rel})\n\n*{caption}* {others}\n")
+        src = rel
+        if self.embed:
+            src = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+        links = " ".join(f'<a href="{html.escape(p.relative_to(self.out_dir).as_posix())}">'
+                         f"{p.suffix[1:]}</a>" for p in paths)
+        self.html.append(f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+                         f"<figcaption>{html.escape(caption)} ({links})</figcaption></figure>")
+
+    def render_html(self, title: str) -> str:
+        css = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;"
+               "padding:0 1em;color:#222}table{border-collapse:collapse;margin:1em 0;"
+               "font-size:0.9em}th,td{padding:3px 8px;border-bottom:1px solid #ddd}"
+               "td.num{text-align:right;font-variant-numeric:tabular-nums}"
+               "th{border-bottom:2px solid #444}caption{font-weight:bold;text-align:left}"
+               "img{max-width:100%}figure{margin:1em 0}figcaption{font-size:0.85em;"
+               "color:#555}code{background:#f4f4f4;padding:0 3px}")
+        return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>"
+                f"{html.escape(title)}</title><style>{css}</style></head><body>\n"
+                + "\n".join(self.html) + "\n</body></html>\n")
+
+
+def _inline_html(text: str) -> str:
+    s = html.escape(text)
+    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
+
+
+def render_report(sweep_dirs: str | Path | Sequence[str | Path], *,
+                  factors: Sequence[str] | None = None, evals: Sequence[str] | None = None,
+                  out_dir: str | Path | None = None, seed_key: str = "cfg.seed",
+                  baseline: str | None = None, layout: str = "ablation", rng_seed: int = 0,
+                  n_resamples: int = 10_000, curve_resamples: int = 2_000, x: str = "chunk",
+                  training_keys: Sequence[str] = F.TRAINING_KEYS, max_paired_figures: int = 6,
+                  policy_csv: str | Path | None = None, votes_csv: str | Path | None = None,
+                  preference_alternative: str = "two-sided", embed: bool = False) -> Path:
+    """Render the report of one or several sweeps; returns the path of ``report.md``.
+
+    ``factors`` default to ``collect.infer_factors`` (config keys that vary, minus the seed);
+    ``evals`` default to every eval name found; ``baseline`` is the condition label the paired
+    comparisons are made against (default: the first condition in factor order). All
+    resampling draws from ``np.random.default_rng(rng_seed)``. Optional extra sections:
+    ``policy_csv`` (per-policy task progress in world models vs real, see
+    ``stats.policy_agreement_table``) and ``votes_csv`` (2AFC votes ``winner, loser[, rater,
+    item]`` in casting order, see ``stats.preference_study``).
+    """
+    dirs = [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else \
+        [Path(d) for d in sweep_dirs]
+    out = Path(out_dir) if out_dir is not None else dirs[0] / "report"
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(rng_seed)
+
+    runs = collect_runs(dirs, evals=evals)
+    runs = runs[~runs["run_dir"].map(lambda p: Path(p).resolve().is_relative_to(out.resolve()))]
+    write_table(runs, out / "runs")
+    problems = problem_runs(runs)
+    write_table(problems, out / "problems", formats=("csv",))
+    factors = list(factors) if factors is not None else infer_factors(runs, seed_key)
+    missing_factors = [f for f in factors if f not in runs]
+    if missing_factors:
+        raise KeyError(f"factor(s) not in any config: {missing_factors}")
+    done = runs[runs["status"] == "completed"].copy()
+    done["condition"] = condition_labels(done, factors)
+    conditions = condition_order(done, factors)
+    found_evals = sorted({e for es in runs["evals"].dropna() for e in es.split(",") if e})
+    eval_names = list(evals) if evals else found_evals
+    if baseline is not None and baseline not in conditions:
+        raise KeyError(f"baseline {baseline!r} is not a condition; conditions: {conditions}")
+    base = baseline if baseline is not None else (conditions[0] if conditions else None)
+
+    doc = _Doc(out, embed=embed)
+    title = "Sweep report: " + ", ".join(d.name for d in dirs)
+    doc.heading(title, 1)
+    doc.para(f"Sweep directories: {', '.join(f'`{d}`' for d in dirs)}. "
+             f"{len(runs)} run directories, {int((runs['status'] == 'completed').sum())} "
+             f"completed, {len(problems)} with problems. Factors: "
+             f"{', '.join(f'`{f}`' for f in factors) or '(none)'}; seeds: `{seed_key}`; "
+             f"conditions: {len(conditions)}; eval sets: {', '.join(eval_names) or '(none)'}.")
+    doc.para("Tables: mean ± std over seeds (std with ddof = 1), n = seeds with a result; only "
+             "completed runs count; best **bold**, second underlined per column (compared as "
+             "displayed; SSIM, PSNR higher is better, LPIPS lower). Intervals: percentile "
+             f"bootstrap, 95%, rng seed {rng_seed}.")
+
+    doc.heading("Runs with problems")
+    doc.para("Listed, never dropped silently. Failed or incomplete runs do not enter the "
+             "tables; their conditions show a smaller n.")
+    doc.frame(problems[["run", "status", "problems"]])
+    counts = done.groupby("condition").size().reindex(conditions, fill_value=0)
+    doc.heading("Conditions")
+    cond_df = pd.DataFrame({"condition": conditions, "completed runs": counts.values})
+    if seed_key in done:
+        cond_df["seeds"] = [",".join(map(str, done.loc[done["condition"] == c, seed_key]))
+                            for c in conditions]
+    doc.frame(cond_df)
+
+    frames_all = collect_frames(done, eval_names) if eval_names else pd.DataFrame()
+    if not frames_all.empty:
+        frames_all["condition"] = frames_all["run"].map(dict(zip(done["run"],
+                                                                 done["condition"])))
+    metric_cols = lambda e: [metric_column(e, g, m) for g in GROUPS for m in METRICS]  # noqa
+
+    for ev in eval_names:
+        doc.heading(f"Eval `{ev}`")
+        tab = LAYOUT_BUILDERS[layout](runs, factors, ev, seed_key=seed_key, order=conditions,
+                                      caption=f"{ev}: whole-rollout metrics "
+                                              f"(mean ± std over seeds)")
+        paths = tab.write(out / "tables" / f"{_slug(ev)}_table")
+        doc.table(tab.to_markdown(), tab.to_html())
+        doc.para(f"Files: `{paths['md'].name}`, `{paths['tex'].name}` (LaTeX, booktabs), "
+                 f"`{paths['csv'].name}`.")
+        masked_cols = [metric_column(ev, g, m, k) for k in ("object", "robot") for g in GROUPS
+                       for m in METRICS]
+        if any(c in runs and runs[c].notna().any() for c in masked_cols):
+            mt = masked_table(runs, factors, ev, seed_key=seed_key, order=conditions,
+                              caption=f"{ev}: object-only / robot-only metrics")
+            mt.write(out / "tables" / f"{_slug(ev)}_masked")
+            doc.table(mt.to_markdown(), mt.to_html())
+        cols = [c for c in metric_cols(ev) + masked_cols if c in runs]
+        cond_stats = summarize_conditions(runs, factors, cols, seed_key=seed_key, rng=rng,
+                                          n_resamples=n_resamples)
+        write_table(cond_stats, out / "tables" / f"{_slug(ev)}_conditions", formats=("csv",))
+        doc.para(f"Per-condition means with bootstrap intervals over seeds: "
+                 f"`{_slug(ev)}_conditions.csv`.")
+
+        for factor in factors:
+            others = [f for f in factors if f != factor]
+            fig, _ = F.plot_factor_vs_metric(runs, factor, [c for c in metric_cols(ev)
+                                                            if c in runs],
+                                             hue=others)
+            stem = out / "figures" / f"{_slug(ev)}_factor_{_slug(factor)}"
+            doc.figure(F.save_figure(fig, stem), f"{ev}: {factor} vs metric")
+
+        frames = frames_all[frames_all["eval"] == ev] if not frames_all.empty else frames_all
+        if frames.empty:
+            doc.para("No frames.parquet: no per-step curves or paired comparisons.")
+            continue
+        curves = step_curves(frames, rng, by="condition", x=x, n_resamples=curve_resamples)
+        write_table(curves, out / "tables" / f"{_slug(ev)}_curves", formats=("csv",))
+        fig, _ = F.plot_metric_vs_time(curves, hue="condition", x=x, order=[
+            c for c in conditions if c in set(curves["condition"])])
+        doc.figure(F.save_figure(fig, out / "figures" / f"{_slug(ev)}_vs_time"),
+                   f"{ev}: metric vs rollout time (band: 95% bootstrap interval over samples, "
+                   f"seeds averaged)")
+
+        others = [c for c in conditions if c != base and c in set(frames["condition"])]
+        if base is None or base not in set(frames["condition"]) or not others:
+            continue
+        doc.heading(f"Paired comparisons against `{base}` ({ev})", 3)
+        doc.para("Per evaluation sample (whole-rollout mean, seeds averaged), model − baseline; "
+                 "win = better in the metric's direction; sign test = exact binomial on "
+                 "wins vs losses; Wilcoxon signed-rank; CI = bootstrap of the mean delta.")
+        tables = []
+        for k, cond in enumerate(others):
+            tab_p, results = paired_table(frames, cond, base, rng, by="condition",
+                                          n_resamples=n_resamples)
+            tables.append(tab_p)
+            if k < max_paired_figures and results:
+                fig, _ = F.plot_paired_deltas(results, title=f"{ev}: {cond} vs {base}")
+                doc.figure(F.save_figure(fig, out / "figures" /
+                                         f"{_slug(ev)}_paired_{_slug(cond)}"),
+                           f"{ev}: per-sample deltas, {cond} vs {base}")
+        paired = pd.concat(tables, ignore_index=True)
+        write_table(paired, out / "tables" / f"{_slug(ev)}_paired", formats=("csv",))
+        doc.frame(paired[["model", "group", "metric", "n", "mean_delta", "ci_low", "ci_high",
+                          "win_rate", "sign_p", "wilcoxon_p"]])
+
+    metrics = read_metrics(runs)
+    if not metrics.empty and F.select_training_keys(metrics, training_keys):
+        doc.heading("Training curves")
+        fig, _ = F.plot_training_curves(
+            metrics, keys=training_keys, hue="condition",
+            hue_of_run=dict(zip(runs["run"], condition_labels(runs, factors))),
+            dashed=list(runs.loc[runs["status"] != "completed", "run"]))
+        doc.figure(F.save_figure(fig, out / "figures" / "training_curves"),
+                   "training metrics from metrics.jsonl, every run with one, coloured by "
+                   "condition (dashed: runs that did not complete)")
+
+    if policy_csv is not None:
+        doc.heading("Policy evaluation: world model vs real world")
+        agree = stats_policy_table(policy_csv)
+        write_table(agree, out / "tables" / "policy_agreement", formats=("csv",))
+        doc.para("Pearson r of per-policy task progress and MMRV (mean maximum rank violation, "
+                 "SIMPLER's definition: mean over policies of the largest real-progress gap "
+                 "over which the world model orders that policy wrongly; 0 is perfect).")
+        doc.frame(agree)
+    if votes_csv is not None:
+        study = preference_study(pd.read_csv(votes_csv), rng, alternative=preference_alternative)
+        doc.heading("Human preference study (2AFC)")
+        lines = [f"{study['n_votes']} votes; wins: " + ", ".join(
+            f"{m} {w}" for m, w in study["wins"].items()) + "."]
+        if "binomial" in study:
+            b = study["binomial"]
+            lines.append(f"{b['model']} preferred in {100 * b['rate']:.1f}% "
+                         f"({b['wins']} vs {b['losses']}); exact binomial test vs 50% "
+                         f"({b['alternative']}): p = {b['p_value']:.2g}; 95% Clopper-Pearson "
+                         f"interval [{100 * b['ci_low']:.1f}%, {100 * b['ci_high']:.1f}%].")
+        if "fleiss_kappa" in study:
+            lines.append(f"Fleiss' kappa over {study['n_items_rated_twice']} items rated at "
+                         f"least twice: {study['fleiss_kappa']:.3f}.")
+        doc.para(" ".join(lines))
+        doc.para("Elo (start 800, K = 32, votes in recorded order) with a 95% bootstrap "
+                 "interval (votes resampled with replacement, which also reorders them):")
+        doc.frame(study["elo"], floatfmt="{:.1f}")
+        write_table(study["elo"], out / "tables" / "elo", formats=("csv",))
+
+    atomic_write_text(out / "report.md", "\n".join(doc.md))
+    atomic_write_text(out / "report.html", doc.render_html(title))
+    return out / "report.md"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m persistworld.analysis.report",
+        description="Render a sweep's report (Markdown + HTML, paper-layout tables, figures) "
+                    "from its run directories.")
+    p.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR",
+                   help="sweep folder(s) or run directories; searched recursively")
+    p.add_argument("--factor", dest="factors", action="append", default=None,
+                   metavar="cfg.KEY", help="factor column (repeatable); default: inferred")
+    p.add_argument("--eval", dest="evals", action="append", default=None, metavar="NAME",
+                   help="eval name (repeatable); default: all found")
+    p.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR/report)")
+    p.add_argument("--seed-key", default="cfg.seed", help="config key of the seed")
+    p.add_argument("--baseline", default=None,
+                   help="condition label to compare against (default: first condition)")
+    p.add_argument("--layout", choices=sorted(LAYOUT_BUILDERS), default="ablation",
+                   help="table layout: ablation (Tables 3-11) or cameras (Table 1)")
+    p.add_argument("--x", choices=("chunk", "frame"), default="chunk",
+                   help="time axis of the rollout curves")
+    p.add_argument("--rng-seed", type=int, default=0, help="seed of the bootstrap generator")
+    p.add_argument("--n-resamples", type=int, default=10_000, help="bootstrap resamples")
+    p.add_argument("--training-key", dest="training_keys", action="append", default=None,
+                   help="metrics.jsonl key or prefix ending in '/' to plot (repeatable)")
+    p.add_argument("--policy-csv", default=None,
+                   help="CSV of per-policy task progress (policy, source, progress[, task]) "
+                        "or wide (policy[, task], real, <world model>...)")
+    p.add_argument("--votes-csv", default=None,
+                   help="CSV of 2AFC votes (winner, loser[, rater, item]) in casting order")
+    p.add_argument("--one-sided", action="store_true",
+                   help="one-sided binomial test (preferred model better than 50%%), as the "
+                        "paper's p = 3.5e-20")
+    p.add_argument("--embed", action="store_true", help="embed PNGs in report.html")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if len(args.sweep_dirs) > 1 and args.out is None:
+        build_parser().error("--out is required with several sweep directories")
+    path = render_report(args.sweep_dirs, factors=args.factors, evals=args.evals,
+                         out_dir=args.out, seed_key=args.seed_key, baseline=args.baseline,
+                         layout=args.layout, x=args.x, rng_seed=args.rng_seed,
+                         n_resamples=args.n_resamples,
+                         training_keys=args.training_keys or F.TRAINING_KEYS,
+                         policy_csv=args.policy_csv, votes_csv=args.votes_csv,
+                         preference_alternative="greater" if args.one_sided else "two-sided",
+                         embed=args.embed)
+    print(path)
+    print(path.with_suffix(".html"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
