@@ -1,0 +1,1 @@
+"""Data: the pybullet mini-DROID renderer (``render``) and the dataset reader."""

@@ -1,0 +1,57 @@
+"""The EDM denoising loss of base training (METHOD.md §1), per sample.
+
+    x_sigma = x0 + sigma * eps,          ln sigma ~ N(P_mean, P_std^2)
+    L_i     = lambda(sigma_i) * mean_j (D(x_sigma; sigma_i, c_i)_j - x0_ij)^2
+
+Teacher forcing: the condition c (history latents + poses, future poses) is ground truth and
+the loss covers the L future frames only. Like every objective here it returns PER-SAMPLE
+values (N,) and takes its randomness (sigma, eps) as arguments; the trainer reduces.
+"""
+from __future__ import annotations
+
+import torch
+
+from persistworld.world_model import edm
+from persistworld.world_model.interface import HistoryBuffer, WorldModel
+
+
+def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *[1] * (like.dim() - 1))
+
+
+def noised_history(buffer: HistoryBuffer, history_sigma: float,
+                   history_eps: torch.Tensor | None) -> HistoryBuffer:
+    """Training-only augmentation: history latents + history_sigma * eps (0 = off), so the model
+    sees slightly imperfect conditions as in a rollout. eps: (N, H, C, Hs, Ws)."""
+    if history_sigma <= 0 or history_eps is None:
+        return buffer
+    return HistoryBuffer(buffer.latents + history_sigma * history_eps, buffer.actions)
+
+
+def denoising_loss(model: WorldModel, x0: torch.Tensor, buffer: HistoryBuffer,
+                   future_actions: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
+                   history_sigma: float = 0.0, history_eps: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Per-sample weighted denoising loss.
+
+    x0: (N, L, C, Hs, Ws) clean future latents; buffer: ground-truth history (N, H, ...);
+    future_actions: (N, L, A); sigma: (N,) noise levels; eps: like x0, standard normal.
+    Returns ``loss`` (N,) = lambda(sigma) * per-sample MSE(x0_hat, x0), and ``mse`` (N,), the
+    unweighted x0 error (detached, for logging).
+    """
+    x_sigma = x0 + _expand(sigma, x0) * eps
+    x0_hat = model.denoise(x_sigma, sigma, noised_history(buffer, history_sigma, history_eps),
+                           future_actions)
+    mse = (x0_hat - x0).pow(2).flatten(1).mean(1)                       # (N,)
+    return {"loss": edm.loss_weight(sigma) * mse, "mse": mse.detach()}
+
+
+def draw_noise(x0: torch.Tensor, history: torch.Tensor, generator: torch.Generator,
+               p_mean: float = edm.P_MEAN, p_std: float = edm.P_STD
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The randomness of one denoising step, from ``generator`` only (resumable by seed):
+    sigma (N,), eps like x0 (N, L, ...), history eps like history (N, H, ...)."""
+    sigma = edm.sample_training_sigma(x0.shape[0], generator, p_mean, p_std)
+    eps = torch.randn(x0.shape, generator=generator)
+    history_eps = torch.randn(history.shape, generator=generator)
+    return sigma.to(x0.device), eps.to(x0.device), history_eps.to(x0.device)

@@ -1,0 +1,88 @@
+"""World models behind one contract (``interface.py``): build from config, save, load.
+
+``model.pt`` (written by base training and post-training) is the artefact later stages load:
+``{"format": "persistworld.world_model", "format_version": 1, "config": {...world_model
+settings, resolved...}, "state_dict": {...}}``. ``load_world_model`` accepts that file or the
+run directory holding it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from persistworld.world_model import edm
+from persistworld.world_model.embedded import ActionEncoder, EmbeddedConfig, EmbeddedWorldModel
+from persistworld.world_model.interface import VIEWS, HistoryBuffer, WorldModel
+
+MODEL_FILE = "model.pt"
+FORMAT = "persistworld.world_model"
+FORMAT_VERSION = 1
+BACKENDS = {"embedded": (EmbeddedConfig, EmbeddedWorldModel)}
+
+__all__ = ["VIEWS", "HistoryBuffer", "WorldModel", "EmbeddedConfig", "EmbeddedWorldModel",
+           "ActionEncoder", "edm", "build_world_model", "save_world_model", "load_world_model",
+           "world_model_config", "MODEL_FILE"]
+
+
+def _plain(cfg: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(cfg)
+
+
+def world_model_config(cfg: Any):
+    """The typed settings (e.g. ``EmbeddedConfig``) of a ``world_model`` config node."""
+    plain = _plain(cfg)
+    name = plain.get("name", "embedded")
+    if name not in BACKENDS:
+        raise ValueError(f"world_model.name={name!r} is not a known backend; known: "
+                         f"{sorted(BACKENDS)}")
+    return BACKENDS[name][0].from_mapping(plain)
+
+
+def build_world_model(cfg: Any) -> WorldModel:
+    """A freshly initialised world model from a ``world_model`` config node (a mapping or
+    DictConfig; random init draws from torch's global generator: seed it first)."""
+    settings = world_model_config(cfg)
+    return BACKENDS[settings.name][1](settings)
+
+
+def save_world_model(model: WorldModel, path: str | Path,
+                     state_dict: Mapping[str, torch.Tensor] | None = None,
+                     extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model.pt`` atomically: the model's config + ``state_dict`` (default: the model's
+    own; post-training passes merged LoRA weights)."""
+    from persistworld.utils.io import atomic_path
+    path = Path(path)
+    sd = model.state_dict() if state_dict is None else state_dict
+    blob = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in sd.items()}, **dict(extra or {})}
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+    return path
+
+
+def load_world_model(path_or_run_dir: str | Path, map_location: str | torch.device = "cpu"
+                     ) -> WorldModel:
+    """Load ``model.pt`` (or ``<run_dir>/model.pt``) into a ready model in eval mode."""
+    path = Path(path_or_run_dir)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no world model at {path}: train one with "
+                                f"`persistworld train-base` (it writes <run_dir>/{MODEL_FILE})")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - name the file and the fix
+        raise ValueError(f"{path} cannot be read as a world model ({e})") from e
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a persistworld world model file (no format marker)")
+    model = build_world_model(blob["config"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()

@@ -1,0 +1,127 @@
+"""EDM x0 preconditioning, training noise levels and the Euler sampler (METHOD.md §1).
+
+Ctrl-World / SVD's "v-like" preconditioning with sigma_data = 1, one function per equation
+(cf. NVlabs/edm ``training/networks.py``, EDMPrecond):
+
+    c_skip(sigma)  = 1 / (sigma^2 + 1)
+    c_out(sigma)   = -sigma / sqrt(sigma^2 + 1)
+    c_in(sigma)    = 1 / sqrt(sigma^2 + 1)
+    c_noise(sigma) = ln(sigma) / 4
+    x0_hat         = c_skip * x_sigma + c_out * F(c_in * x_sigma, c_noise)
+    lambda(sigma)  = (sigma^2 + 1) / sigma^2          (loss weight)
+    ln sigma ~ N(P_mean = 0.7, P_std = 1.6^2)          (training noise levels)
+
+sigma_data = 1 assumes the working space has a standard deviation of about 1: the embedded
+model scales pixels accordingly (``embedded.py``, ``pixel_mean`` / ``pixel_std``).
+
+Samplers are pure functions: all randomness comes in through ``noise``, so a sample is
+reproducible from the seed that drew its noise (NVlabs/edm ``generate.py``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# Defaults used by Ctrl-World's training noise distribution (METHOD.md §1).
+P_MEAN = 0.7
+P_STD = 1.6
+
+
+# ---- preconditioning (sigma: any shape; broadcast by the caller) -------------------------
+def c_skip(sigma: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (sigma ** 2 + 1.0)
+
+
+def c_out(sigma: torch.Tensor) -> torch.Tensor:
+    return -sigma / (sigma ** 2 + 1.0).sqrt()
+
+
+def c_in(sigma: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (sigma ** 2 + 1.0).sqrt()
+
+
+def c_noise(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma.log() / 4.0
+
+
+def loss_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + 1) / sigma^2 = 1 / c_out(sigma)^2: the weighted x0 error
+    equals the unweighted error of the network output F against its target."""
+    return (sigma ** 2 + 1.0) / sigma ** 2
+
+
+def _expand(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) broadcastable against ``like`` (B, ...)."""
+    return sigma.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype)
+
+
+def precondition(F: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_sigma: torch.Tensor,
+                 sigma: torch.Tensor) -> torch.Tensor:
+    """x0_hat = c_skip * x_sigma + c_out * F(c_in * x_sigma, c_noise).
+
+    F: the raw network, (B, ...) scaled input, (B,) c_noise -> (B, ...) output.
+    x_sigma: (B, ...) noisy sample; sigma: (B,) noise levels (> 0).
+    """
+    s = _expand(sigma, x_sigma)
+    m = F(c_in(s) * x_sigma, c_noise(sigma.to(x_sigma.dtype)))
+    return c_skip(s) * x_sigma + c_out(s) * m
+
+
+def network_target(x0: torch.Tensor, x_sigma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The output F* for which ``precondition`` returns exactly x0:
+    F* = (x0 - c_skip * x_sigma) / c_out. (B, ...) -> (B, ...)."""
+    s = _expand(sigma, x0)
+    return (x0 - c_skip(s) * x_sigma) / c_out(s)
+
+
+# ---- noise levels --------------------------------------------------------------------------
+def sample_training_sigma(n: int, generator: torch.Generator | None = None,
+                          p_mean: float = P_MEAN, p_std: float = P_STD) -> torch.Tensor:
+    """(n,) training noise levels, ln sigma ~ N(p_mean, p_std^2)."""
+    return (torch.randn(n, generator=generator) * p_std + p_mean).exp()
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float,
+                  rho: float = 7.0) -> torch.Tensor:
+    """(num_steps + 1,) decreasing noise levels sigma_max ... sigma_min, then a final 0 (Karras et
+    al. 2022, eq. 5): sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
+    if num_steps == 1:
+        ramp = torch.zeros(1, dtype=torch.float64)
+    else:
+        ramp = torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    sigmas[0] = sigma_max                      # exact endpoints despite the power rounding
+    if num_steps > 1:
+        sigmas[-1] = sigma_min
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+# ---- sampler -------------------------------------------------------------------------------
+def euler_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Deterministic Euler integration of the probability-flow ODE dx/dsigma = (x - D(x)) / sigma.
+
+    denoise_fn: (B, ...) x, (B,) sigma -> (B, ...) clean estimate D(x; sigma); one call per step
+        for the whole batch.
+    noise: (B, ...) standard normal; the start is x = sigmas[0] * noise.
+    sigmas: (N + 1,) decreasing, ending in 0 (``karras_sigmas``).
+    The last step, to sigma = 0, is written as x = D(x; sigma_{N-1}), which equals the Euler
+    update x + (0 - sigma) (x - D) / sigma in exact arithmetic and avoids its rounding.
+    """
+    B = noise.shape[0]
+    x = noise * sigmas[0].to(noise.dtype)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0_hat = denoise_fn(x, sigma.expand(B).to(noise.dtype))
+        if sigma_next == 0:
+            x = x0_hat
+        else:
+            d = (x - x0_hat) / sigma                        # dx/dsigma
+            x = x + (sigma_next - sigma) * d
+    return x

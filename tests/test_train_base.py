@@ -1,0 +1,171 @@
+"""Base training end to end on the tiny rendered dataset: the run directory, the no-op rerun,
+and kill -9 + resume ending bit-identical to an uninterrupted run (CPU, same seed)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a tiny model and a short run; eval every step makes each step slow enough that the kill
+# below lands between the first checkpoint and the end (evaluation never changes training)
+TINY_OVERRIDES = [
+    "seed=3",
+    "world_model.block_out_channels=[16,32]",
+    "world_model.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
+    "world_model.attention_head_dim=8", "world_model.norm_num_groups=8",
+    "world_model.action_hidden=16", "world_model.history_noise=0.05",
+    "trainer.steps=10", "trainer.batch_size=2", "trainer.warmup_steps=2",
+    "trainer.ckpt_every=3", "trainer.keep_checkpoints=2", "trainer.log_every=1",
+    "trainer.eval_every=1", "trainer.eval_clips=2", "trainer.eval_sample_clips=1",
+    "trainer.eval_sampler_steps=3", "trainer.num_threads=1", "trainer.num_workers=0",
+]
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+    with initialize_config_module("persistworld.conf", version_base="1.3"):
+        return compose("train_base", overrides=overrides)
+
+
+def _overrides(data: Path, run_dir: Path, extra=()) -> list[str]:
+    return [f"data.root={data}", f"run_dir={run_dir}", *TINY_OVERRIDES, *extra]
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "model.pt", weights_only=False)["state_dict"]
+
+
+def _rows(run_dir: Path, split: str) -> list[dict]:
+    from persistworld.utils.io import read_jsonl
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dataset, tmp_path_factory) -> Path:
+    from persistworld.trainers.base import train_base
+    run_dir = tmp_path_factory.mktemp("base_run") / "run"
+    path = train_base(_compose(_overrides(tiny_dataset, run_dir)))
+    assert path == run_dir / "model.pt"
+    return run_dir
+
+
+def test_run_directory_records_everything(uninterrupted):
+    run = uninterrupted
+    for name in ("config.yaml", "overrides.yaml", "metrics.jsonl", "status.json", "log.txt",
+                 "model.pt"):
+        assert (run / name).exists(), name
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == 10
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_000009.pt", "step_000010.pt"]             # keep_checkpoints=2
+    ckpt = torch.load(run / "checkpoints" / "step_000010.pt", weights_only=False)
+    for key in ("model", "optimizer", "scheduler", "rng", "step", "data_position",
+                "world_model", "config"):
+        assert key in ckpt, key
+    train = _rows(run, "train")
+    assert [r["step"] for r in train] == list(range(1, 11))
+    assert all(r["loss"] > 0 and r["lr"] > 0 for r in train)
+    evals = _rows(run, "eval")
+    assert [r["step"] for r in evals] == list(range(0, 11))
+    assert {"val/loss", "val/psnr", "val/psnr_repeat_last"} <= set(evals[0])
+
+
+def test_model_pt_loads_and_samples(uninterrupted):
+    from persistworld.world_model import HistoryBuffer, load_world_model
+    m = load_world_model(uninterrupted)
+    assert m.cfg.block_out_channels == [16, 32] and m.cfg.history_noise == 0.05
+    C, Hs, Ws = m.latent_shape()
+    buf = HistoryBuffer.backfill(torch.zeros(1, C, Hs, Ws), torch.zeros(1, 7), m.history)
+    out = m.sample_chunk(buf, torch.zeros(1, m.future, 7),
+                         generator=torch.Generator().manual_seed(0), num_steps=2)
+    assert out.shape == (1, m.future, C, Hs, Ws) and torch.isfinite(out).all()
+
+
+def test_completed_run_rerun_is_a_noop(uninterrupted, tiny_dataset, capsys):
+    from persistworld.trainers.base import train_base
+    before = (uninterrupted / "model.pt").stat().st_mtime_ns
+    n_rows = len(_rows(uninterrupted, "train"))
+    train_base(_compose(_overrides(tiny_dataset, uninterrupted)))
+    assert "already completed" in capsys.readouterr().out
+    assert (uninterrupted / "model.pt").stat().st_mtime_ns == before
+    assert len(_rows(uninterrupted, "train")) == n_rows
+
+
+def test_kill_9_and_resume_is_bit_identical(uninterrupted, tiny_dataset, tmp_path):
+    from persistworld.trainers.base import train_base
+    run_dir = tmp_path / "killed"
+    overrides = _overrides(tiny_dataset, run_dir)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "persistworld.trainers.base", *overrides],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    ckpt_dir = run_dir / "checkpoints"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt_dir.exists() and any(p.suffix == ".pt" for p in ckpt_dir.iterdir()):
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {err[-2000:]!r}"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "running" and status["step"] < 10
+    assert not (run_dir / "model.pt").exists()
+
+    train_base(_compose(overrides))                                   # resumes by itself
+    assert "resuming from step" in (run_dir / "log.txt").read_text()
+    a, b = _weights(uninterrupted), _weights(run_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the metrics log holds each step once, with the same losses
+    la = [(r["step"], r["loss"]) for r in _rows(uninterrupted, "train")]
+    lb = [(r["step"], r["loss"]) for r in _rows(run_dir, "train")]
+    assert la == lb
+
+
+def test_changed_model_config_does_not_resume_silently(uninterrupted, tiny_dataset, tmp_path):
+    import shutil
+
+    from persistworld.trainers.base import train_base
+    run_dir = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "status.json").unlink()
+    with pytest.raises(ValueError, match="different world_model"):
+        train_base(_compose(_overrides(tiny_dataset, run_dir,
+                                       ["world_model.history_noise=0.0"])))
+
+
+def test_settings_are_checked_before_work(tiny_dataset, tmp_path):
+    from persistworld.trainers.base import train_base
+    with pytest.raises(ValueError, match="trainer.schedule"):
+        train_base(_compose(_overrides(tiny_dataset, tmp_path / "a", ["trainer.schedule=step"])))
+    with pytest.raises(ValueError, match="history"):
+        train_base(_compose(_overrides(tiny_dataset, tmp_path / "b", ["world_model.history=4"])))
+    with pytest.raises(Exception, match="persistworld render"):
+        train_base(_compose(_overrides(tmp_path / "no_data", tmp_path / "c")))
+    assert not (tmp_path / "c").exists()
+
+
+def test_lr_schedule_and_step_batches():
+    from persistworld.trainers.base import lr_factor, step_indices
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 10, 100, "constant") == 1.0
+    assert step_indices(1000, 8, 0, 5) == step_indices(1000, 8, 0, 5)
+    assert step_indices(1000, 8, 0, 5) != step_indices(1000, 8, 0, 6)

@@ -1,0 +1,261 @@
+"""The embedded world model against the contract (interface.py): layout, denoiser, sampler,
+history buffer, LoRA target names, save/load and config composition."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persistworld.world_model import (EmbeddedConfig, EmbeddedWorldModel, HistoryBuffer,
+                                      build_world_model, load_world_model, save_world_model)
+
+# a tiny model: 2 UNet levels, attention at the lower one
+TINY = dict(history=6, future=5, image_height=16, image_width=16, patch=4, action_hidden=16,
+            block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            attention_head_dim=8, norm_num_groups=8, num_steps=4)
+
+
+@pytest.fixture(scope="module")
+def model() -> EmbeddedWorldModel:
+    torch.manual_seed(0)
+    return build_world_model(TINY).eval()
+
+
+def _inputs(model, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C, Hs, Ws = model.latent_shape()
+    buf = HistoryBuffer(torch.randn(B, model.history, C, Hs, Ws, generator=g),
+                        torch.rand(B, model.history, 7, generator=g) * 2 - 1)
+    acts = torch.rand(B, model.future, 7, generator=g) * 2 - 1
+    return buf, acts
+
+
+# -- working space ---------------------------------------------------------------------------
+def test_latent_shape_and_exact_round_trip(model):
+    assert model.latent_shape() == (48, 12, 4)          # 3*4*4 channels, 3 views x 16/4 rows
+    frames = torch.rand(2, 3, 3, 3, 16, 16)
+    z = model.encode(frames)
+    assert z.shape == (2, 3, 48, 12, 4)
+    torch.testing.assert_close(model.decode(z), frames, rtol=0, atol=1e-6)
+
+
+def test_views_are_stacked_along_height_in_view_order(model):
+    frames = torch.zeros(1, 1, 3, 3, 16, 16)
+    for v in range(3):
+        frames[:, :, v] = 0.25 * (v + 1)
+    z = model.encode(frames)[0, 0]                            # (C, Hs, Ws)
+    rows = z.shape[1] // 3
+    for v in range(3):
+        block = z[:, v * rows:(v + 1) * rows]
+        want = (0.25 * (v + 1) - model.cfg.pixel_mean) / model.cfg.pixel_std
+        torch.testing.assert_close(block, torch.full_like(block, want))
+
+
+def test_raw_pixel_layout_without_patches():
+    m = build_world_model({**TINY, "patch": 1, "block_out_channels": [16, 16]})
+    assert m.latent_shape() == (3, 48, 16)
+    frames = torch.rand(1, 2, 3, 3, 16, 16)
+    torch.testing.assert_close(m.decode(m.encode(frames)), frames, rtol=0, atol=1e-6)
+
+
+# -- denoiser and sampler --------------------------------------------------------------------
+def test_denoise_shape_and_gradient(model):
+    buf, acts = _inputs(model)
+    x = torch.randn(2, model.future, *model.latent_shape(), requires_grad=True)
+    out = model.denoise(x, torch.tensor([0.5, 3.0]), buf, acts)
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert x.grad is not None and model.action_encoder.mlp[0].weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
+def test_denoise_is_the_edm_preconditioning_of_the_network(model):
+    from persistworld.world_model import edm
+    buf, acts = _inputs(model)
+    x = torch.randn(2, model.future, *model.latent_shape())
+    sigma = torch.tensor([0.2, 7.0])
+    with torch.no_grad():
+        got = model.denoise(x, sigma, buf, acts)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        F = model.network(edm.c_in(s) * x, edm.c_noise(sigma), buf, acts)
+    torch.testing.assert_close(got, edm.c_skip(s) * x + edm.c_out(s) * F)
+
+
+def test_denoise_depends_on_history_and_actions(model):
+    buf, acts = _inputs(model)
+    x = torch.randn(2, model.future, *model.latent_shape())
+    sigma = torch.tensor([1.0, 1.0])
+    with torch.no_grad():
+        base = model.denoise(x, sigma, buf, acts)
+        other_acts = model.denoise(x, sigma, buf, -acts)
+        other_hist = model.denoise(x, sigma, HistoryBuffer(buf.latents + 1, buf.actions), acts)
+    assert not torch.allclose(base, other_acts)
+    assert not torch.allclose(base, other_hist)
+
+
+def test_sample_chunk_is_reproducible_per_seed(model):
+    buf, acts = _inputs(model)
+    a = model.sample_chunk(buf, acts, generator=torch.Generator().manual_seed(7))
+    b = model.sample_chunk(buf, acts, generator=torch.Generator().manual_seed(7))
+    c = model.sample_chunk(buf, acts, generator=torch.Generator().manual_seed(8))
+    assert a.shape == (2, model.future, *model.latent_shape())
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(model.sample_chunk(buf, acts, noise=noise), a)
+
+
+def test_sample_chunk_makes_one_batched_network_call_per_step(model):
+    buf, acts = _inputs(model, B=3)
+    calls = []
+    h = model.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        model.sample_chunk(buf, acts, generator=torch.Generator().manual_seed(0), num_steps=6)
+    finally:
+        h.remove()
+    assert calls == [3] * 6
+
+
+def test_sample_chunk_rows_do_not_depend_on_the_batch(model):
+    buf, acts = _inputs(model, B=2)
+    noise = torch.randn(2, model.future, *model.latent_shape(),
+                        generator=torch.Generator().manual_seed(1))
+    both = model.sample_chunk(buf, acts, noise=noise)
+    one = model.sample_chunk(HistoryBuffer(buf.latents[1:], buf.actions[1:]), acts[1:],
+                             noise=noise[1:])
+    torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-4)
+
+
+def test_sampler_sigmas_follow_the_config(model):
+    s = model.sampler_sigmas()
+    assert len(s) == TINY["num_steps"] + 1 and s[-1] == 0
+    assert s[0].item() == pytest.approx(model.cfg.sigma_max)
+    assert len(model.sampler_sigmas(9)) == 10
+
+
+# -- history buffer --------------------------------------------------------------------------
+def test_history_buffer_backfill_push_and_copies():
+    H, C, Hs, Ws = 6, 2, 3, 1
+    latent = torch.arange(2 * C * Hs * Ws, dtype=torch.float32).view(2, C, Hs, Ws)
+    action = torch.tensor([[1.0] * 7, [2.0] * 7])
+    buf = HistoryBuffer.backfill(latent, action, H)
+    assert buf.latents.shape == (2, H, C, Hs, Ws) and buf.actions.shape == (2, H, 7)
+    assert buf.history == H
+    for t in range(H):
+        assert torch.equal(buf.latents[:, t], latent) and torch.equal(buf.actions[:, t], action)
+    new = torch.stack([torch.full((2, C, Hs, Ws), 100.0 + i) for i in range(5)], 1)  # (2, 5, ...)
+    new_a = torch.stack([torch.full((2, 7), 100.0 + i) for i in range(5)], 1)
+    pushed = buf.push(new, new_a)
+    assert pushed.latents.shape == buf.latents.shape
+    # keep the last H in order: one backfilled frame, then the 5 new ones oldest first
+    assert torch.equal(pushed.latents[:, 0], latent)
+    assert torch.equal(pushed.latents[:, 1:], new) and torch.equal(pushed.actions[:, 1:], new_a)
+    assert torch.equal(buf.latents[:, -1], latent)           # push returned a new buffer
+    twice = pushed.push(new + 100, new_a + 100)
+    assert torch.equal(twice.latents[:, :1], new[:, -1:])    # H=6 > L=5: the newest old frame
+    assert torch.equal(twice.latents[:, 1:], new + 100)
+    k = pushed.repeat_interleave(3)
+    assert k.latents.shape[0] == 6 and torch.equal(k.latents[0], k.latents[2])
+    assert torch.equal(k.latents[3], pushed.latents[1])
+
+
+# -- LoRA, save / load, config ---------------------------------------------------------------
+def test_lora_targets_the_svd_attention_module_names(model):
+    names = {n.split(".")[-1] if not n.endswith("to_out.0") else "to_out.0"
+             for n, _ in model.adapter_root().named_modules()}
+    for target in ("to_q", "to_k", "to_v", "to_out.0"):
+        assert target in names, target
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+    m = copy.deepcopy(model)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=[
+        "to_q", "to_k", "to_v", "to_out.0"]), m.adapter_root())
+    lora = [n for n, _ in m.named_parameters() if "lora_" in n]
+    assert any("attn1.to_q" in n for n in lora) and any("attn2.to_k" in n for n in lora)
+    buf, acts = _inputs(m)
+    x = torch.randn(2, m.future, *m.latent_shape())
+    with torch.no_grad():   # LoRA B starts at zero: the output is unchanged
+        torch.testing.assert_close(m.denoise(x, torch.ones(2), buf, acts),
+                                   model.denoise(x, torch.ones(2), buf, acts))
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    path = save_world_model(model, tmp_path / "model.pt")
+    loaded = load_world_model(tmp_path)                       # a run directory works too
+    assert isinstance(loaded, EmbeddedWorldModel) and not loaded.training
+    assert loaded.config_dict() == model.config_dict()
+    buf, acts = _inputs(model)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(loaded.sample_chunk(buf, acts, generator=g()),
+                       model.sample_chunk(buf, acts, generator=g()))
+    assert load_world_model(path).config_dict() == model.config_dict()
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-base"):
+        load_world_model(tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="model.pt"):
+        load_world_model(tmp_path)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown"):
+        EmbeddedConfig.from_mapping({"name": "embedded", "bogus": 1})
+    with pytest.raises(ValueError, match="patch"):
+        EmbeddedConfig.from_mapping({**TINY, "patch": 5})
+    with pytest.raises(ValueError, match="x0_anchor"):
+        EmbeddedConfig.from_mapping({**TINY, "x0_anchor": "first_frame"})
+    with pytest.raises(ValueError, match="name"):
+        build_world_model({"name": "nonexistent"})
+
+
+def test_hydra_world_model_config_composes_and_builds():
+    from hydra import compose, initialize_config_module
+    with initialize_config_module("persistworld.conf", version_base="1.3"):
+        cfg = compose("train_base", overrides=["world_model.block_out_channels=[32,32,32]",
+                                               "world_model.attention_head_dim=8"])
+    m = build_world_model(cfg.world_model)
+    assert (m.history, m.future) == (cfg.data.history, cfg.data.future)
+    assert m.latent_shape() == (48, 3 * cfg.data.image_height // 4, cfg.data.image_width // 4)
+    assert m.cfg.num_steps == 50
+
+
+@pytest.mark.parametrize("anchor", ["none", "last_frame"])
+def test_x0_anchor_is_the_origin_of_the_preconditioning(anchor):
+    """With F = 0 (zeroed output conv), x0_hat = h + c_skip (x - h), h = 0 or the newest
+    history latent: at high noise an untrained last_frame model predicts "repeat the last
+    frame"."""
+    from persistworld.world_model import edm
+    torch.manual_seed(0)
+    m = build_world_model({**TINY, "x0_anchor": anchor}).eval()
+    torch.nn.init.zeros_(m.unet.conv_out.weight)
+    torch.nn.init.zeros_(m.unet.conv_out.bias)
+    buf, acts = _inputs(m)
+    x = torch.randn(2, m.future, *m.latent_shape())
+    sigma = torch.tensor([0.3, 50.0])
+    h = buf.latents[:, -1:] if anchor == "last_frame" else torch.zeros(1)
+    with torch.no_grad():
+        got = m.denoise(x, sigma, buf, acts)
+    want = h + edm.c_skip(sigma).view(-1, 1, 1, 1, 1) * (x - h)
+    torch.testing.assert_close(got, want)
+
+
+def test_linear_skip_starts_as_the_plain_unet_and_is_sigma_conditioned():
+    torch.manual_seed(0)
+    with_skip = build_world_model({**TINY, "linear_skip": True}).eval()
+    plain = build_world_model({**TINY, "linear_skip": False}).eval()
+    plain.load_state_dict({k: v for k, v in with_skip.state_dict().items()
+                           if not k.startswith("skip.")})
+    buf, acts = _inputs(plain)
+    x = torch.randn(2, plain.future, *plain.latent_shape())
+    sigma = torch.tensor([0.5, 5.0])
+    with torch.no_grad():
+        torch.testing.assert_close(with_skip.denoise(x, sigma, buf, acts),
+                                   plain.denoise(x, sigma, buf, acts))
+        # a(sigma) * x_in + b(sigma) * h_last, per future frame and channel
+        torch.nn.init.normal_(with_skip.skip.mlp[-1].bias)
+        out = with_skip.skip(x, buf.latents[:, -1:], torch.tensor([0.1, -0.3]))
+    assert out.shape == x.shape
+    lora_names = [n for n, _ in with_skip.adapter_root().named_modules()]
+    assert not any(n.startswith("skip") for n in lora_names)   # LoRA sees only the UNet
