@@ -115,18 +115,34 @@ def summarise(frames: pd.DataFrame, mode: str, num_chunks: int) -> dict:
             "metrics": metrics}
 
 
-def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path,
+def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """``summary["metrics"]`` as flat ``{prefix}external/lpips``-style keys (metrics.jsonl)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(flat_metrics(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | None,
              settings: EvalSettings, future: int = 5, stride: int = 1,
-             lpips_device: str = "cpu", label: str = "model") -> dict:
+             lpips_device: str = "cpu", label: str = "model", progress: bool = True) -> dict:
+    """Roll out, score, and (unless ``out_dir`` is None: in-training checks) write
+    ``frames.parquet``, ``videos/`` and, last, ``summary.json`` (its presence marks a finished
+    evaluation)."""
     from persistworld.metrics.lpips import get_lpips
-    out_dir = Path(out_dir)
+    out_dir = None if out_dir is None else Path(out_dir)
+    if out_dir is None:
+        settings = EvalSettings(**{**settings.__dict__, "num_videos": 0})
     ds = RolloutDataset(data_root, settings.split, settings.num_chunks, future, stride,
                         settings.starts_per_episode, settings.max_samples)
     loader = torch.utils.data.DataLoader(ds, batch_size=settings.batch_size, shuffle=False)
     lpips_model = get_lpips(lpips_device)
     rows, videos_left, t0 = [], settings.num_videos, time.time()
     for batch in tqdm(loader, desc=f"eval {settings.mode} x{settings.num_chunks} chunks",
-                      unit="batch"):
+                      unit="batch", disable=not progress):
         pred = predictor(batch, settings)
         target = batch["frames"]
         scores = _score(pred, target, batch["masks"], settings.masked, lpips_model)
@@ -146,9 +162,11 @@ def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path,
                           side_by_side({"truth": target[b], label: pred[b]}))
                 videos_left -= 1
     frames = pd.DataFrame(rows)
-    with atomic_path(out_dir / "frames.parquet") as tmp:
-        frames.to_parquet(tmp, index=False)
     summary = summarise(frames, settings.mode, settings.num_chunks)
     summary["seconds"] = round(time.time() - t0, 2)
+    if out_dir is None:
+        return summary
+    with atomic_path(out_dir / "frames.parquet") as tmp:
+        frames.to_parquet(tmp, index=False)
     atomic_write_json(out_dir / "summary.json", summary)
     return summary

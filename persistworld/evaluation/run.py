@@ -12,7 +12,9 @@ from persistworld.evaluation.evaluate import (EvalSettings, evaluate, model_pred
 
 
 def settings_from(cfg_eval) -> EvalSettings:
-    return EvalSettings(**OmegaConf.to_container(cfg_eval, resolve=True))
+    if isinstance(cfg_eval, DictConfig):
+        cfg_eval = OmegaConf.to_container(cfg_eval, resolve=True)
+    return EvalSettings(**dict(cfg_eval))
 
 
 def default_out_dir(model: str, s: EvalSettings) -> Path:

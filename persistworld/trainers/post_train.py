@@ -245,8 +245,8 @@ class PostTrainer:
         return batch, P, seeds
 
     # -- S1 + S2: prefix and branches -------------------------------------------------------
-    def stage_rollouts(self, batch: dict, P: torch.Tensor, seeds: list[int]
-                       ) -> tuple[Branches, torch.Tensor]:
+    def stage_rollouts(self, batch: dict, P: torch.Tensor, seeds: list[int],
+                       times: dict | None = None) -> tuple[Branches, torch.Tensor]:
         sampler = self.policy if self.cfg.rollout.sampling_policy == "current" else self.old
         L, F = self.setup.future, self.setup.branch_chunks
         steps = self.cfg.rollout.sampler_steps
@@ -254,13 +254,20 @@ class PostTrainer:
         buffer = HistoryBuffer.backfill(start, batch["start_action"].to(self.device),
                                         sampler.history)
         acts = batch["actions"].to(self.device)                          # (B, (Pmax+F)*L, A)
-        prefix = rollout_prefix(sampler, buffer, acts, P, seeds, steps)
+        t = time.perf_counter()
+        prefix = rollout_prefix(sampler, buffer, acts, P, seeds, steps)                  # S1
+        if times is not None:
+            times["time/prefix"] = time.perf_counter() - t
+        t = time.perf_counter()
         # the F*L frames right after each sample's own prefix
         rows = torch.arange(len(P))
         offs = P[:, None] * L + torch.arange(F * L)[None]                 # (B, F*L)
         branch_actions = acts[rows[:, None], offs]
         truth = batch["frames"][rows[:, None], offs]                     # (B, F*L, V, 3, h, w)
-        cands = branch(sampler, prefix, branch_actions, self.setup.group_size, F, seeds, steps)
+        cands = branch(sampler, prefix, branch_actions, self.setup.group_size, F, seeds,
+                       steps)                                                           # S2
+        if times is not None:
+            times["time/branch"] = time.perf_counter() - t
         return cands, truth
 
     # -- S3: rewards and group weights ------------------------------------------------------
@@ -276,7 +283,9 @@ class PostTrainer:
     def sample_sigma(self, n: int, g: torch.Generator) -> torch.Tensor:
         from persistworld.world_model.edm import sample_training_sigma
         if self.cfg.objective.sigma == "lognormal":
-            return sample_training_sigma(n, g)
+            wm = getattr(self.policy, "cfg", None)
+            return sample_training_sigma(n, g, getattr(wm, "p_mean", 0.7),
+                                         getattr(wm, "p_std", 1.6))
         grid = self.policy.sampler_sigmas(self.cfg.rollout.sampler_steps)[:-1]  # drop final 0
         return grid[torch.randint(len(grid), (n,), generator=g)]
 
@@ -346,8 +355,11 @@ class PostTrainer:
     def train(self) -> Path:
         cfg, run = self.cfg, self.run
         if run.is_completed():
-            print(f"{run.root} is already completed; nothing to do")
+            print(f"{run.root} is already completed; nothing to do (delete it or choose "
+                  f"another run_dir to train again)")
             return run.root / "model.pt"
+        if self.final_model_written():
+            return self.finish()            # killed during the final evaluation: redo only that
         run.write_config(OmegaConf.to_yaml(cfg, resolve=True), cfg.get("overrides") or [])
         ckpt = run.load_latest_checkpoint()
         if ckpt is not None:
@@ -362,11 +374,9 @@ class PostTrainer:
         try:
             while self.step < total:
                 times = {}
-                t = time.perf_counter()
                 batch, P, seeds = self.stage_starts()                               # S0
                 sampler = self.policy if cfg.rollout.sampling_policy == "current" else self.old
-                cands, truth = self.stage_rollouts(batch, P, seeds)                 # S1 + S2
-                times["time/rollout"] = time.perf_counter() - t
+                cands, truth = self.stage_rollouts(batch, P, seeds, times)          # S1 + S2
                 t = time.perf_counter()
                 R, A, r, info = self.stage_score(cands, truth, sampler)             # S3
                 keep = best_of_n(R, cfg.rollout.best_of_n)                          # S3b
@@ -385,10 +395,15 @@ class PostTrainer:
                            .mean(),
                            "kept_frac": keep.shape[1] / self.setup.group_size,
                            "prefix/mean": P.float().mean(),
-                           **{f"reward/{k}": v.mean() for k, v in info.items()}}
+                           **{f"reward/{k}": v.mean() for k, v in info.items()},
+                           **{f"reward_std/{k}": v.std(unbiased=False)
+                              for k, v in info.items()}}
                 run.log_metrics(self.step, "train", metrics)                        # S6
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts['loss']:.4f}", R=f"{R.mean():.3f}")
+                every = int(cfg.trainer.eval_every or 0)
+                if every and (self.step % every == 0 or self.step == total):
+                    run.log_metrics(self.step, "eval", self.stage_check())          # S6b
                 if self.step % int(cfg.trainer.ckpt_every) == 0 or self.step == total:
                     run.save_checkpoint(self.step, self.state())
         except BaseException as e:
@@ -407,11 +422,42 @@ class PostTrainer:
                 if not p.requires_grad and not torch.equal(p, self.frozen_reference[n]):
                     raise AssertionError(f"frozen parameter {n} changed during post-training")
 
+    # -- S6b: in-training check on held-out episodes (for curves and Optuna pruning) --------
+    def stage_check(self) -> dict:
+        from persistworld.evaluation.evaluate import EvalSettings, evaluate, flat_metrics
+        from persistworld.evaluation.evaluate import model_predictor
+        e = self.cfg.eval
+        s = EvalSettings(split=e.split, num_chunks=int(self.cfg.trainer.eval_chunks),
+                         max_samples=int(self.cfg.trainer.eval_samples), batch_size=e.batch_size,
+                         num_steps=e.num_steps, seed=int(e.seed), num_videos=0, masked=False)
+        model = self.ema if self.ema is not None else self.policy
+        summary = evaluate(model_predictor(model), self.cfg.data.root, None, s,
+                           future=self.setup.future, stride=int(self.cfg.data.stride),
+                           lpips_device=str(self.device), progress=False)
+        return flat_metrics(summary["metrics"], prefix="val/")
+
+    # -- S7: the post-trained model and its own evaluation ----------------------------------
+    def final_model_written(self) -> bool:
+        return self.run.read_status().get("state") == "evaluating" and (self.run.root / "model.pt").exists()
+
     def finish(self) -> Path:
+        from persistworld.evaluation.run import evaluate_model, settings_from
         from persistworld.world_model import save_world_model
-        final = self.ema if self.ema is not None else self.policy
         path = self.run.root / "model.pt"
-        save_world_model(self.base, path, state_dict=merged_state_dict(final))
+        if not self.final_model_written():
+            final = self.ema if self.ema is not None else self.policy
+            save_world_model(self.base, path, state_dict=merged_state_dict(final))
+            self.run.set_status("evaluating", self.step)
+        e = self.cfg.eval
+        if e.enabled:
+            s = settings_from({k: v for k, v in e.items() if k != "enabled"})
+            out = self.run.eval_dir(f"{s.mode}_{s.num_chunks}")
+            if not (out / "summary.json").exists():
+                try:
+                    evaluate_model(str(path), self.cfg.data, s, out, str(self.device))
+                except BaseException as err:
+                    self.run.mark_failed(err, self.step)
+                    raise
         self.run.set_status("completed", self.step)
         return path
 
@@ -436,4 +482,9 @@ def load_named(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
 def post_train(cfg: DictConfig) -> Path:
     """`persistworld post-train [overrides]`: RL post-training, then its evaluation."""
     trainer = PostTrainer(cfg)
-    return trainer.train()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=trainer.device.type != "cpu")
+    try:
+        return trainer.train()
+    finally:
+        torch.use_deterministic_algorithms(was)

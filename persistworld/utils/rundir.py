@@ -62,7 +62,7 @@ class RunDir:
             raise ValueError(f"{self.status_path} is corrupt ({e}); delete it to rerun") from e
 
     def set_status(self, state: str, step: int = 0, error: str | None = None, **extra) -> None:
-        assert state in ("running", "completed", "failed", "interrupted"), state
+        assert state in ("running", "evaluating", "completed", "failed", "interrupted"), state
         atomic_write_json(self.status_path, {"state": state, "step": int(step), "error": error,
                                              "updated": _now(), "host": socket.gethostname(),
                                              **extra})
