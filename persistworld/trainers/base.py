@@ -27,7 +27,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from persistworld.objectives.denoising import denoising_loss, draw_noise
-from persistworld.utils.rundir import RunDir, rng_state, seed_everything, set_rng_state
+from persistworld.utils.rundir import (RunDir, hydra_overrides, rng_state, seed_everything,
+                                      set_rng_state)
 from persistworld.utils.seeding import derive_seed
 from persistworld.world_model import (MODEL_FILE, build_world_model, save_world_model,
                                       world_model_config)
@@ -94,14 +95,6 @@ def validate(cfg: DictConfig) -> None:
     if (wm.history, wm.future) != (int(cfg.data.history), int(cfg.data.future)):
         raise ValueError(f"world_model history/future ({wm.history}, {wm.future}) must match "
                          f"data.history/future ({cfg.data.history}, {cfg.data.future})")
-
-
-def _overrides() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        return list(HydraConfig.get().overrides.task)
-    except (ValueError, ImportError):
-        return []
 
 
 def _collate(items: list[dict]) -> dict:
@@ -241,7 +234,7 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
         run.truncate_metrics_after(step)
         run.log(f"resuming from step {step}")
         print(f"train-base: resuming {run.root} from step {step}")
-    run.write_config(OmegaConf.to_yaml(cfg, resolve=True), _overrides())
+    run.write_config(OmegaConf.to_yaml(cfg, resolve=True), hydra_overrides())
     run.set_status("running", step)
 
     n_params = sum(p.numel() for p in params)

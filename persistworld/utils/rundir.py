@@ -62,7 +62,8 @@ class RunDir:
             raise ValueError(f"{self.status_path} is corrupt ({e}); delete it to rerun") from e
 
     def set_status(self, state: str, step: int = 0, error: str | None = None, **extra) -> None:
-        assert state in ("running", "evaluating", "completed", "failed", "interrupted"), state
+        assert state in ("running", "evaluating", "completed", "failed", "interrupted",
+                         "pruned"), state
         atomic_write_json(self.status_path, {"state": state, "step": int(step), "error": error,
                                              "updated": _now(), "host": socket.gethostname(),
                                              **extra})
@@ -130,6 +131,32 @@ class RunDir:
 
 
 # -- RNG state: a checkpoint must restore every generator so resumed runs match exactly -----
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra app ([] outside one)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return list(HydraConfig.get().overrides.task)
+    except (ValueError, ImportError):
+        return []
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                       ignore: Iterable[str] = (), prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config trees (``ignore``: dotted
+    keys or prefixes that may change between a run and its resumption)."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        key = f"{prefix}{k}"
+        if any(key == i or key.startswith(i + ".") for i in ignore):
+            continue
+        a, b = old.get(k, "<missing>"), new.get(k, "<missing>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_differences(a, b, ignore, key + ".")
+        elif a != b:
+            out.append(key)
+    return out
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state()}

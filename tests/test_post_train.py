@@ -1,0 +1,234 @@
+"""PersistWorld post-training on a tiny base model: settings checked before work, the run
+directory, frozen weights, batched branching, logging, final evaluation, and kill -9 + resume
+ending with the same weights as an uninterrupted run (CPU, same seed)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train_base import TINY_OVERRIDES
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_POST = [
+    "seed=5", "rollout.prefix.low=0", "rollout.prefix.high=2", "rollout.group_size=4",
+    "rollout.best_of_n=1", "rollout.sampler_steps=3", "trainer.steps=6", "trainer.batch_size=2",
+    "trainer.ckpt_every=2", "trainer.num_threads=1", "trainer.progress=false", "lora.rank=4",
+    "lora.alpha=4", "optim.lr=1e-3", "trainer.eval_every=3", "trainer.eval_chunks=1",
+    "trainer.eval_samples=2", "eval.num_chunks=2", "eval.max_samples=2", "eval.num_steps=3",
+    "eval.num_videos=1", "eval.starts_per_episode=2",
+]
+
+
+def _compose(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_module
+    with initialize_config_module("persistworld.conf", version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def _post_overrides(data: Path, base: Path, run_dir: Path, extra=()) -> list[str]:
+    return [f"data.root={data}", f"base_model={base}", f"run_dir={run_dir}", *TINY_POST, *extra]
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path / "model.pt", weights_only=False)["state_dict"]
+
+
+def _rows(run_dir: Path, split: str) -> list[dict]:
+    from persistworld.utils.io import read_jsonl
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_dataset, tmp_path_factory) -> Path:
+    from persistworld.trainers.base import train_base
+    run_dir = tmp_path_factory.mktemp("post_base") / "base"
+    overrides = [f"data.root={tiny_dataset}", f"run_dir={run_dir}", *TINY_OVERRIDES,
+                 "trainer.eval_every=0"]
+    train_base(_compose("train_base", overrides))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dataset, base_model, tmp_path_factory) -> Path:
+    from persistworld.trainers.post_train import post_train
+    run_dir = tmp_path_factory.mktemp("post_run") / "run"
+    overrides = _post_overrides(tiny_dataset, base_model, run_dir)
+    post_train(_compose("post_train", overrides), overrides=overrides)
+    return run_dir
+
+
+# ---- settings fail before any work ---------------------------------------------------------
+@pytest.mark.parametrize("override,setting", [
+    ("rollout.group_size=1", "rollout.group_size"),
+    ("rollout.best_of_n=3", "rollout.best_of_n"),
+    ("rollout.prefix.strategy=random", "rollout.prefix.strategy"),
+    ("rollout.sampling_policy=ema", "rollout.sampling_policy"),
+    ("objective.sigma=uniform", "objective.sigma"),
+    ("objective.beta=0", "objective.beta"),
+    ("reward.w_lpips=0", "reward"),
+    ("policy_ema.decay=1.0", "policy_ema.decay"),
+    ("old_policy.schedule=cosine", "old_policy"),
+])
+def test_impossible_settings_name_the_setting(tiny_dataset, base_model, tmp_path, override,
+                                              setting):
+    from persistworld.trainers.post_train import post_train
+    run_dir = tmp_path / "run"
+    extra = [override]
+    if override == "reward.w_lpips=0":
+        extra += ["reward.w_ssim=0", "reward.w_psnr=0"]
+    overrides = _post_overrides(tiny_dataset, base_model, run_dir, extra)
+    with pytest.raises(ValueError, match=setting.replace(".", r"\.")):
+        post_train(_compose("post_train", overrides), overrides=overrides)
+    assert not run_dir.exists(), "a rejected config must not leave a run directory"
+
+
+def test_prefix_longer_than_episodes_is_rejected(tiny_dataset, base_model, tmp_path):
+    from persistworld.trainers.post_train import post_train
+    overrides = _post_overrides(tiny_dataset, base_model, tmp_path / "run",
+                                ["rollout.prefix.high=9"])
+    with pytest.raises(ValueError, match="rollout.prefix.high"):
+        post_train(_compose("post_train", overrides), overrides=overrides)
+
+
+def test_lora_targets_that_match_nothing_are_rejected(tiny_dataset, base_model, tmp_path):
+    from persistworld.trainers.post_train import post_train
+    overrides = _post_overrides(tiny_dataset, base_model, tmp_path / "run",
+                                ["lora.target_modules=[nonexistent_proj]"])
+    with pytest.raises(ValueError, match="lora.target_modules"):
+        post_train(_compose("post_train", overrides), overrides=overrides)
+
+
+# ---- the run ------------------------------------------------------------------------------
+def test_run_directory_and_logging(uninterrupted):
+    run = uninterrupted
+    for name in ("config.yaml", "overrides.yaml", "metrics.jsonl", "status.json", "model.pt"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    assert "rollout.group_size=4" in json.loads((run / "overrides.yaml").read_text())
+    train = _rows(run, "train")
+    assert [r["step"] for r in train] == list(range(1, 7))
+    needed = {"loss", "loss/pos", "loss/neg", "loss/kl", "old_deviation", "grad_norm",
+              "reward/mean", "reward/std", "adv/abs_mean", "kept_frac", "old_decay",
+              "time/prefix", "time/branch", "time/reward", "time/update",
+              "reward/lpips/external", "reward/ssim/wrist", "reward_std/psnr/external"}
+    assert needed <= set(train[0]), needed - set(train[0])
+    assert all(r["kept_frac"] == pytest.approx(0.5) for r in train)   # best-of-1 of K=4
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    checks = _rows(run, "eval")
+    assert [r["step"] for r in checks] == [3, 6]
+    assert {"val/external/lpips", "val/wrist/ssim"} <= set(checks[0])
+    summary = json.loads((run / "eval" / "autoregressive_2" / "summary.json").read_text())
+    assert summary["num_samples"] == 2 and 0 < summary["metrics"]["external"]["lpips"] < 1
+    assert list((run / "eval" / "autoregressive_2" / "videos").glob("*.gif"))
+    ckpt = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    for key in ("policy", "old", "ema", "optimizer", "rng", "step"):
+        assert key in ckpt, key
+
+
+def test_only_adapters_and_action_encoder_change(uninterrupted, base_model):
+    """Everything but the LoRA-targeted attention projections and the action encoder stays
+    bit-identical to the base model; the targeted ones and the action encoder do change."""
+    base, post = _weights(base_model), _weights(uninterrupted)
+    assert base.keys() == post.keys()
+    targets = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+    changed = {k for k in base if not torch.equal(base[k], post[k])}
+    assert changed, "post-training changed nothing"
+    allowed = {k for k in base if k.endswith(targets) or k.startswith("action_encoder.")}
+    assert changed <= allowed, sorted(changed - allowed)[:5]
+    assert any(k.startswith("action_encoder.") for k in changed)
+    assert any(k.endswith(targets) for k in changed)
+
+
+def test_completed_run_rerun_is_a_noop(uninterrupted, tiny_dataset, base_model, capsys):
+    from persistworld.trainers.post_train import post_train
+    before = (uninterrupted / "model.pt").stat().st_mtime_ns
+    overrides = _post_overrides(tiny_dataset, base_model, uninterrupted)
+    post_train(_compose("post_train", overrides), overrides=overrides)
+    assert "already completed" in capsys.readouterr().out
+    assert (uninterrupted / "model.pt").stat().st_mtime_ns == before
+
+
+def test_kill_9_and_resume_gives_the_same_weights(uninterrupted, tiny_dataset, base_model,
+                                                  tmp_path):
+    from persistworld.trainers.post_train import post_train
+    run_dir = tmp_path / "killed"
+    overrides = _post_overrides(tiny_dataset, base_model, run_dir)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "persistworld.cli", "post-train", *overrides],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    ckpt_dir = run_dir / "checkpoints"
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt_dir.exists() and any(p.suffix == ".pt" for p in ckpt_dir.iterdir()):
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {err[-2000:]!r}"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "running" and status["step"] < 6
+    assert not (run_dir / "model.pt").exists()
+
+    post_train(_compose("post_train", overrides), overrides=overrides)      # resumes by itself
+    a, b = _weights(uninterrupted), _weights(run_dir)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [(r["step"], r["loss"], r["reward/mean"]) for r in _rows(uninterrupted, "train")]
+    lb = [(r["step"], r["loss"], r["reward/mean"]) for r in _rows(run_dir, "train")]
+    assert la == lb
+
+
+def test_resume_with_different_settings_is_refused(uninterrupted, tiny_dataset, base_model,
+                                                   tmp_path):
+    import shutil
+
+    from persistworld.trainers.post_train import post_train
+    run_dir = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "status.json").write_text(json.dumps({"state": "running", "step": 4}))
+    (run_dir / "model.pt").unlink()
+    overrides = _post_overrides(tiny_dataset, base_model, run_dir, ["objective.beta=0.5"])
+    with pytest.raises(ValueError, match="objective.beta"):
+        post_train(_compose("post_train", overrides), overrides=overrides)
+
+
+# ---- branching ----------------------------------------------------------------------------
+def test_branching_is_batched_and_each_candidate_reproducible(base_model, tiny_dataset):
+    """S2 makes one network call per denoising step for all B*K candidates, and each candidate
+    equals the same candidate generated alone from its seed."""
+    from persistworld.data.dataset import RolloutDataset
+    from persistworld.rollout.branching import branch
+    from persistworld.utils.seeding import derive_seed
+    from persistworld.world_model import HistoryBuffer, load_world_model
+    model = load_world_model(base_model)
+    item = RolloutDataset(tiny_dataset, "train", 2, 5, 1, starts_per_episode=1)[0]
+    start = model.encode(item["start_frame"][None, None])[:, 0]
+    buf = HistoryBuffer.backfill(start, item["start_action"][None], model.history)
+    buf = HistoryBuffer(buf.latents.repeat(2, 1, 1, 1, 1), buf.actions.repeat(2, 1, 1))
+    acts = item["actions"][None, :10].repeat(2, 1, 1)
+    calls = []
+    inner = model.network
+    model.network = lambda *a, **k: (calls.append(a[0].shape[0]), inner(*a, **k))[1]
+    out = branch(model, buf, acts, group_size=3, branch_chunks=2, seeds=[11, 12], num_steps=3)
+    assert calls == [6] * 6                                 # 2 chunks x 3 steps, all 6 at once
+    assert out.clip().shape[:2] == (6, 10)
+    alone = branch(model, HistoryBuffer(buf.latents[1:], buf.actions[1:]), acts[1:],
+                   group_size=3, branch_chunks=2, seeds=[12], num_steps=3)
+    torch.testing.assert_close(alone.clip(), out.clip()[3:], atol=1e-5, rtol=1e-5)
+    candidates = out.clip()
+    assert not torch.allclose(candidates[3], candidates[4])  # candidates differ by their seed
+    assert derive_seed(12, 0) != derive_seed(12, 1)
