@@ -1,28 +1,183 @@
 """The main job on the embedded default (the README's first command).
 
-Stages run in order and each is resumable, so rerunning the command continues where it
-stopped: render data -> preview. Later stages (base model, post-training, evaluation,
-results) are added here as they land, without changing the command.
+    [1/6] data      render the mini-DROID dataset (pybullet)             data.root
+    [2/6] preview   a contact sheet of one episode                       results/.../data_preview.png
+    [3/6] base      the base world model: the checkpoint kept in the repo (models/), or trained
+    [4/6] post      PersistWorld RL post-training of the base            runs/post/quickstart
+    [5/6] evaluate  base and post-trained, the same held-out rollouts    results/.../models/*/eval
+    [6/6] results   Table 1 / Table 2, temporal curves, paired deltas, training curves
+                    (results/quickstart/report/), side-by-side videos (truth | base |
+                    PersistWorld, results/quickstart/videos/)
+
+Every stage is resumable: rerunning the command skips what is finished (the dataset, a
+completed training run, an evaluation whose summary.json exists) and continues the rest.
 """
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+import numpy as np
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+MODELS = ("base", "persistworld")
+
+
+def _compose(name: str, overrides: list[str]) -> DictConfig:
+    """Compose another command's config (inside this Hydra app or outside one)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    if GlobalHydra.instance().is_initialized():
+        return compose(name, overrides=overrides)
+    with initialize_config_module("persistworld.conf", version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def _data_overrides(cfg: DictConfig) -> list[str]:
+    return [f"data.{k}={v}" if not isinstance(v, list) else f"data.{k}=[{','.join(map(str, v))}]"
+            for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()]
+
+
+def stage_base(cfg: DictConfig) -> Path:
+    """The shipped checkpoint when it was made for this dataset, else train one."""
+    from persistworld.trainers.base import train_base
+    b = cfg.base
+    shipped = Path(b.checkpoint) if b.checkpoint else None
+    if shipped is not None and shipped.exists():
+        import torch
+        blob = torch.load(shipped, map_location="cpu", weights_only=False)
+        made_for = blob.get("data", {})
+        mine = OmegaConf.to_container(cfg.data, resolve=True)
+        keys = ("seed", "num_episodes", "val_fraction", "min_steps", "max_steps", "fps",
+                "image_height", "image_width", "tasks", "history", "future", "stride")
+        diff = [k for k in keys if made_for.get(k) != mine.get(k)]
+        if not diff:
+            print(f"      using the base checkpoint kept in the repo: {shipped} "
+                  f"(regenerate: {blob.get('command', 'see models/README.md')})")
+            return shipped
+        print(f"      {shipped} was made for other data settings ({', '.join(diff)}): "
+              f"training a base model instead")
+    overrides = [*_data_overrides(cfg), f"run_dir={b.run_dir}", *b.overrides]
+    return train_base(_compose("train_base", overrides))
+
+
+def stage_post(cfg: DictConfig, base: Path) -> Path:
+    from persistworld.trainers.post_train import post_train
+    overrides = [*_data_overrides(cfg), f"base_model={base}", f"run_dir={cfg.post.run_dir}",
+                 "eval.enabled=false", *cfg.post.overrides]
+    return post_train(_compose("post_train", overrides), overrides=list(cfg.post.overrides))
+
+
+def stage_evaluate(cfg: DictConfig, models: dict[str, Path], results: Path) -> dict[str, Path]:
+    """Each model as a small run directory under results/models/<name> (config + status +
+    eval/<mode>_<N>), so `analysis` compares them like any sweep."""
+    from persistworld.evaluation.run import evaluate_model, settings_from
+    from persistworld.utils.io import atomic_write_json, atomic_write_text
+    s = settings_from(cfg.eval)
+    eval_name = f"{s.mode}_{s.num_chunks}"
+    dirs = {}
+    for name, path in models.items():
+        run = results / "models" / name
+        out = run / "eval" / eval_name
+        if not (out / "summary.json").exists():
+            print(f"      {name}: {s.num_chunks}-chunk rollouts on held-out episodes")
+            evaluate_model(str(path), cfg.data, s, out)
+        atomic_write_text(run / "config.yaml", yaml.safe_dump(
+            {"model": name, "seed": int(cfg.seed), "source": str(path)}))
+        atomic_write_json(run / "status.json", {"state": "completed", "step": 0})
+        dirs[name] = run
+    return dirs
+
+
+def side_by_side_videos(dirs: dict[str, Path], eval_name: str, out: Path) -> list[Path]:
+    """truth | base | PersistWorld for the samples both evaluations kept frames of."""
+    from persistworld.evaluation.videos import side_by_side, write_gif
+    first = dirs[MODELS[0]] / "eval" / eval_name / "videos"
+    written = []
+    for npz in sorted(first.glob("*.npz")):
+        rows = {"truth": np.load(npz)["truth"]}
+        for name in MODELS:
+            other = dirs[name] / "eval" / eval_name / "videos" / npz.name
+            if not other.exists():
+                break
+            rows[name] = np.load(other)["pred"]
+        else:
+            written.append(write_gif(out / npz.name.replace(".npz", ".gif"), side_by_side(rows)))
+    return written
+
+
+def comparison_text(summaries: dict[str, dict], paired_csv: Path | None) -> str:
+    """A few lines with the relative changes (and paired tests) for the terminal."""
+    lines = []
+    b, p = summaries["base"]["metrics"], summaries["persistworld"]["metrics"]
+    for group in ("external", "wrist"):
+        parts = []
+        for m in ("ssim", "psnr", "lpips"):
+            rel = 100 * (p[group][m] - b[group][m]) / abs(b[group][m])
+            parts.append(f"{m.upper()} {b[group][m]:.4f} -> {p[group][m]:.4f} ({rel:+.1f}%)")
+        lines.append(f"  {group:8s}: " + ", ".join(parts))
+    if paired_csv is not None and paired_csv.exists():
+        import pandas as pd
+        df = pd.read_csv(paired_csv)
+        for _, r in df.iterrows():
+            lines.append(f"  paired {r['group']:8s} {r['metric']:5s}: win rate "
+                         f"{100 * r['win_rate']:.0f}% of {int(r['n'])}, sign p={r['sign_p']:.2g}, "
+                         f"Wilcoxon p={r['wilcoxon_p']:.2g}")
+    return "\n".join(lines)
 
 
 def pipeline_main(cfg: DictConfig) -> Path:
+    from persistworld.analysis.report import render_report
     from persistworld.data.preview import write_preview
     from persistworld.data.render import render_dataset
 
     t0 = time.time()
     results = Path(cfg.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    print(f"[1/2] rendering the mini-DROID dataset into {cfg.data.root}")
+    times = {}
+
+    def lap(name: str, since: float) -> float:
+        times[name] = round(time.time() - since, 1)
+        return time.time()
+
+    t = time.time()
+    print(f"[1/6] data: the mini-DROID dataset in {cfg.data.root}")
     root = render_dataset(cfg.data)
-    print("[2/2] writing a preview contact sheet")
-    preview = write_preview(root, episode=0, num_frames=8, out=results / "data_preview.png")
-    print(f"done in {time.time() - t0:.0f} s. Results: {results.resolve()}\n"
-          f"  dataset: {Path(root).resolve()}\n  preview: {preview.resolve()}")
+    t = lap("data", t)
+    print("[2/6] preview: a contact sheet of episode 0")
+    write_preview(root, episode=0, num_frames=8, out=results / "data_preview.png")
+    t = lap("preview", t)
+    print("[3/6] base world model")
+    base = stage_base(cfg)
+    t = lap("base", t)
+    print(f"[4/6] PersistWorld post-training ({cfg.post.run_dir})")
+    post = stage_post(cfg, base)
+    t = lap("post_train", t)
+    print("[5/6] evaluation: base and post-trained on the same held-out rollouts")
+    dirs = stage_evaluate(cfg, {"base": base, "persistworld": post}, results)
+    t = lap("evaluate", t)
+    print("[6/6] results: tables, curves, paired tests, videos")
+    eval_name = f"{cfg.eval.mode}_{cfg.eval.num_chunks}"
+    # the training curves of the post-training run belong to the persistworld row
+    shutil.copy2(Path(cfg.post.run_dir) / "metrics.jsonl", dirs["persistworld"] / "metrics.jsonl")
+    report = render_report(results / "models", factors=["cfg.model"], evals=[eval_name],
+                           out_dir=results / "report", layout="cameras", baseline="base",
+                           n_resamples=int(cfg.report.n_resamples))
+    videos = side_by_side_videos(dirs, eval_name, results / "videos")
+    lap("results", t)
+    summaries = {n: json.loads((d / "eval" / eval_name / "summary.json").read_text())
+                 for n, d in dirs.items()}
+    text = comparison_text(summaries, results / "report" / "tables" / f"{eval_name}_paired.csv")
+    times["total"] = round(time.time() - t0, 1)
+    from persistworld.utils.io import atomic_write_json
+    atomic_write_json(results / "timings.json", times)
+    print(f"done in {times['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in times.items() if k != 'total')}).")
+    print(f"base vs PersistWorld, {cfg.eval.num_chunks}-chunk held-out rollouts:\n{text}")
+    print(f"Results in {results.resolve()}:\n  report: {report.resolve()}\n"
+          f"  tables: {(results / 'report' / 'tables').resolve()}\n"
+          f"  figures: {(results / 'report' / 'figures').resolve()}\n"
+          f"  videos ({len(videos)}): {(results / 'videos').resolve()}")
     return results

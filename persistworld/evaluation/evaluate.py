@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from persistworld.data.dataset import RolloutDataset
-from persistworld.evaluation.videos import side_by_side, write_gif
+from persistworld.evaluation.videos import side_by_side, to_uint8, write_gif
 from persistworld.rollout.autoregressive import rollout
 from persistworld.utils.io import atomic_path, atomic_write_json
 from persistworld.utils.seeding import derive_seed
@@ -160,6 +160,10 @@ def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | 
                 name = f"ep{base['episode']:05d}_t{base['start']:03d}.gif"
                 write_gif(out_dir / "videos" / name,
                           side_by_side({"truth": target[b], label: pred[b]}))
+                # the frames too, so that several models can be shown side by side later
+                with atomic_path(out_dir / "videos" / name.replace(".gif", ".npz")) as tmp, \
+                        open(tmp, "wb") as f:    # a file object: numpy would add ".npz"
+                    np.savez_compressed(f, truth=to_uint8(target[b]), pred=to_uint8(pred[b]))
                 videos_left -= 1
     frames = pd.DataFrame(rows)
     summary = summarise(frames, settings.mode, settings.num_chunks)

@@ -10,8 +10,11 @@ from persistworld.utils.io import atomic_path
 from persistworld.world_model.interface import VIEWS
 
 
-def _to_uint8(frames) -> np.ndarray:
-    """(T, V, 3, h, w) float in [0, 1] (tensor or array) -> (T, V, h, w, 3) uint8."""
+def to_uint8(frames) -> np.ndarray:
+    """(T, V, 3, h, w) float in [0, 1] (tensor or array) -> (T, V, h, w, 3) uint8
+    (uint8 input passes through)."""
+    if isinstance(frames, np.ndarray) and frames.dtype == np.uint8:
+        return frames
     arr = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
     return (arr.clip(0, 1) * 255 + 0.5).astype(np.uint8).transpose(0, 1, 3, 4, 2)
 
@@ -19,7 +22,7 @@ def _to_uint8(frames) -> np.ndarray:
 def side_by_side(rows: dict[str, object], scale: int = 2, fps_hint: int = 5) -> list[np.ndarray]:
     """rows: label -> (T, V, 3, h, w) frames. Returns T images: one row per label, one column
     per view, with the labels and the frame index drawn on."""
-    arrays = {k: _to_uint8(v) for k, v in rows.items()}
+    arrays = {k: to_uint8(v) for k, v in rows.items()}
     T, V, h, w, _ = next(iter(arrays.values())).shape
     label_w, top, pad = 64, 14, 2
     W = label_w + V * (w * scale + pad)

@@ -86,3 +86,14 @@ def load_world_model(path_or_run_dir: str | Path, map_location: str | torch.devi
     model = build_world_model(blob["config"])
     model.load_state_dict(blob["state_dict"])
     return model.eval()
+
+
+def export_world_model(source: str | Path, out: str | Path, half: bool = True,
+                       extra: Mapping[str, Any] | None = None) -> Path:
+    """Copy a trained ``model.pt`` (or a run directory's) into a compact file to ship or share:
+    the same format, weights in float16 when ``half`` (they load back into float32 models),
+    plus ``extra`` keys (e.g. the data settings it was trained for and the command)."""
+    model = load_world_model(source)
+    sd = {k: (v.half() if half and v.is_floating_point() else v)
+          for k, v in model.state_dict().items()}
+    return save_world_model(model, out, state_dict=sd, extra=extra)

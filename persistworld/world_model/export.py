@@ -1,0 +1,38 @@
+"""`persistworld export-model RUN_DIR OUT.pt`: a compact copy of a trained world model.
+
+The copy records the data settings of the run (from its config.yaml), so that the pipeline
+can tell whether it was made for the dataset at hand, and the command that regenerates it."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from persistworld.world_model import export_world_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="persistworld export-model", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", help="a run directory with model.pt and config.yaml")
+    ap.add_argument("out", help="the file to write (e.g. models/mini_droid_base.pt)")
+    ap.add_argument("--float32", action="store_true", help="keep float32 weights")
+    ap.add_argument("--command", default="", help="the command that regenerates the model")
+    a = ap.parse_args(argv)
+    run = Path(a.run_dir)
+    config = run / "config.yaml"
+    if not config.exists():
+        raise FileNotFoundError(f"{config} is missing: export-model needs a run directory made "
+                                f"by `persistworld train-base` or `post-train`")
+    data = (yaml.safe_load(config.read_text()) or {}).get("data", {})
+    data.pop("root", None)
+    data.pop("workers", None)
+    out = export_world_model(run, a.out, half=not a.float32,
+                             extra={"data": data, "command": a.command})
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
