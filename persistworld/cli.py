@@ -38,6 +38,14 @@ PLAIN_COMMANDS: dict[str, tuple[str, str]] = {
                "render a sweep's report (tables, statistics, figures) from run directories"),
     "collect": ("persistworld.analysis.collect:main",
                 "collect run directories into one table (Parquet and CSV)"),
+    "search": ("persistworld.search.driver:main",
+               "asynchronous Optuna search over post-train settings (sweeps/optuna/*.yaml)"),
+    "search-report": ("persistworld.search.report:main",
+                      "trials table, best.yaml preset and plots of a search study directory"),
+    "sweep": ("persistworld.sweeps.command:main",
+              "run a paper ablation sweep (sweeps/NAME.yaml): pre-flight, then Hydra multirun"),
+    "export-model": ("persistworld.world_model.export:main",
+                     "write a compact (float16) copy of a trained model.pt to ship or share"),
     "fetch-lpips": ("persistworld.cli:fetch_lpips_main",
                     "download the genuine LPIPS (AlexNet v0.1) weights into the local cache"),
 }
@@ -97,7 +105,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     cmd, rest = argv[0], argv[1:]
     if cmd in PLAIN_COMMANDS:
-        sys.exit(_resolve(PLAIN_COMMANDS[cmd][0])(rest) or 0)
+        try:
+            code = _resolve(PLAIN_COMMANDS[cmd][0])(rest)
+        except _user_errors() as e:
+            print(f"persistworld {cmd}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(code or 0)
     if cmd not in COMMANDS:
         print(f"persistworld: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)

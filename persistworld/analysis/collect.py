@@ -9,8 +9,9 @@ tables built here:
   finish. Columns:
 
   - ``run`` (id: path relative to the collected root), ``run_dir`` (absolute path),
-    ``status`` (``completed | failed | running | interrupted | missing`` — ``missing`` means no
-    ``status.json``; ``absent`` for an expected directory that does not exist), ``error``,
+    ``status`` (``completed | failed | running | interrupted | pruned | missing`` —
+    ``pruned``: stopped early by an Optuna search; ``missing`` means no ``status.json``;
+    ``absent`` for an expected directory that does not exist), ``error``,
     ``step``, ``updated``, ``overrides`` (JSON list), ``evals`` (comma-separated eval names),
   - ``cfg.<dotted.key>``: every leaf of ``config.yaml`` (lists/dicts as JSON strings),
   - ``<eval>/<group>/<metric>`` whole-rollout metrics from ``eval/<eval>/summary.json``

@@ -35,12 +35,22 @@ from persistworld.rollout.branching import Branches, branch, rollout_prefix
 from persistworld.rollout.prefix import PrefixSampler
 from persistworld.trainers.ema import EMASchedule, ema_update
 from persistworld.trainers.optim import build_optimizer, warmup_cosine
-from persistworld.utils.rundir import RunDir, rng_state, seed_everything, set_rng_state
+from persistworld.utils import preempt
+from persistworld.utils.rundir import (RunDir, config_differences, hydra_overrides, rng_state,
+                                      seed_everything, set_rng_state)
 from persistworld.utils.seeding import derive_seed
 from persistworld.world_model.interface import HistoryBuffer, WorldModel
 
 SIGMA_SOURCES = ("lognormal", "sampler_grid")
 SAMPLING_POLICIES = ("current", "old")
+# settings that may change when an interrupted run is resumed (the rest must match)
+RESUMABLE_CHANGES = ("trainer.steps", "trainer.progress", "trainer.ckpt_every", "trainer.device",
+                     "trainer.eval_every", "trainer.eval_chunks", "trainer.eval_samples", "eval",
+                     "run_dir", "data.root", "data.workers", "base_model")
+
+
+class Pruned(Exception):
+    """Raised by ``post_train(cfg, on_eval=...)``'s callback to stop early; status "pruned"."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,8 +154,11 @@ def add_lora(model: WorldModel, rank: int, alpha: float, target_modules: list[st
     Returns the names of the trainable parameters."""
     from peft import LoraConfig, inject_adapter_in_model
     unet = model.adapter_root()
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                       target_modules=list(target_modules)), unet)
+    try:
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                           target_modules=list(target_modules)), unet)
+    except ValueError as e:
+        raise ValueError(f"lora.target_modules={list(target_modules)}: {e}") from e
     trainable = []
     for name, p in model.named_parameters():
         is_adapter = "lora_" in name
@@ -183,15 +196,17 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # The trainer
 # --------------------------------------------------------------------------------------------
 class PostTrainer:
-    def __init__(self, cfg: DictConfig):
+    on_eval = None      # optional callable(step, eval_metrics) after each in-training check
+
+    def __init__(self, cfg: DictConfig, overrides: list[str] | None = None):
         from persistworld.world_model import load_world_model
         self.cfg = cfg
+        self.overrides = hydra_overrides() if overrides is None else list(overrides)
         (self.setup, self.prefix, weights, self.old_schedule,
          self.variant) = validate(cfg)
         self.store = EpisodeStore(cfg.data.root)
         check_episode_lengths(self.store, self.setup, int(cfg.data.stride))
         self.device = torch.device(cfg.trainer.device)
-        self.run = RunDir(cfg.run_dir)
         torch.set_num_threads(int(cfg.trainer.num_threads or os.cpu_count() or 1))
         seed_everything(int(cfg.seed))
 
@@ -214,6 +229,7 @@ class PostTrainer:
                                    + self.setup.branch_chunks, self.setup.future,
                                    int(cfg.data.stride), starts_per_episode=None)
         self.step = 0
+        self.run = RunDir(cfg.run_dir)      # created only once the settings have passed
 
     # -- resume --------------------------------------------------------------------------
     def state(self) -> dict:
@@ -360,8 +376,10 @@ class PostTrainer:
             return run.root / "model.pt"
         if self.final_model_written():
             return self.finish()            # killed during the final evaluation: redo only that
-        run.write_config(OmegaConf.to_yaml(cfg, resolve=True), cfg.get("overrides") or [])
         ckpt = run.load_latest_checkpoint()
+        if ckpt is not None:
+            self.check_same_config()
+        run.write_config(OmegaConf.to_yaml(cfg, resolve=True), self.overrides)
         if ckpt is not None:
             self.load(ckpt)
             run.truncate_metrics_after(self.step)
@@ -403,11 +421,19 @@ class PostTrainer:
                 bar.set_postfix(loss=f"{parts['loss']:.4f}", R=f"{R.mean():.3f}")
                 every = int(cfg.trainer.eval_every or 0)
                 if every and (self.step % every == 0 or self.step == total):
-                    run.log_metrics(self.step, "eval", self.stage_check())          # S6b
+                    run.log_metrics(self.step, "eval", check := self.stage_check())  # S6b
+                    if self.on_eval is not None:
+                        self.on_eval(self.step, check)      # may raise Pruned (search/driver.py)
                 if self.step % int(cfg.trainer.ckpt_every) == 0 or self.step == total:
                     run.save_checkpoint(self.step, self.state())
+                elif preempt.requested():                    # SLURM time limit / preemption:
+                    run.save_checkpoint(self.step, self.state())  # checkpoint, then requeue
+                if preempt.requested():
+                    raise KeyboardInterrupt("preempted: checkpoint saved, requeueing")
         except BaseException as e:
-            if isinstance(e, KeyboardInterrupt):
+            if isinstance(e, Pruned):
+                run.set_status("pruned", self.step)
+            elif isinstance(e, KeyboardInterrupt):
                 run.set_status("interrupted", self.step)
             else:
                 run.mark_failed(e, self.step)
@@ -415,6 +441,20 @@ class PostTrainer:
         finally:
             bar.close()
         return self.finish()
+
+    def check_same_config(self) -> None:
+        """Resuming with different training settings would silently mix two runs."""
+        import yaml
+        path = self.run.root / "config.yaml"
+        if not path.exists():
+            return
+        old = yaml.safe_load(path.read_text()) or {}
+        new = OmegaConf.to_container(self.cfg, resolve=True)
+        diff = config_differences(old, new, RESUMABLE_CHANGES)
+        if diff:
+            raise ValueError(f"{self.run.root} holds a run with different settings "
+                             f"({', '.join(diff[:8])}); resume it with the same settings, or "
+                             f"choose another run_dir")
 
     def check_frozen(self) -> None:
         if self.step in (1, int(self.cfg.trainer.steps)):
@@ -479,9 +519,17 @@ def load_named(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         params[n].copy_(v)
 
 
-def post_train(cfg: DictConfig) -> Path:
-    """`persistworld post-train [overrides]`: RL post-training, then its evaluation."""
-    trainer = PostTrainer(cfg)
+def post_train(cfg: DictConfig, on_eval=None, overrides: list[str] | None = None) -> Path:
+    """`persistworld post-train [overrides]`: RL post-training, then its evaluation.
+    ``on_eval(step, metrics)`` is called after each in-training check and may raise Pruned."""
+    status = Path(cfg.run_dir) / "status.json"
+    if status.exists() and RunDir(cfg.run_dir).is_completed() \
+            and (Path(cfg.run_dir) / "model.pt").exists():
+        print(f"{cfg.run_dir} is already completed; nothing to do (delete it or choose "
+              f"another run_dir to train again)")
+        return Path(cfg.run_dir) / "model.pt"
+    trainer = PostTrainer(cfg, overrides)
+    trainer.on_eval = on_eval
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=trainer.device.type != "cpu")
     try:

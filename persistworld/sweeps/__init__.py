@@ -1,0 +1,1 @@
+"""Ablation sweeps: pre-flight validation, the sweep job function, submitit launchers."""
