@@ -7,7 +7,8 @@
     [5/6] evaluate  base and post-trained, the same held-out rollouts    results/.../models/*/eval
     [6/6] results   Table 1 / Table 2, temporal curves, paired deltas, training curves
                     (results/quickstart/report/), side-by-side videos (truth | base |
-                    PersistWorld, results/quickstart/videos/)
+                    PersistWorld, results/quickstart/videos/), and the drift figure: both
+                    models autoregressive next to the base teacher-forced
 
 Every stage is resumable: rerunning the command skips what is finished (the dataset, a
 completed training run, an evaluation whose summary.json exists) and continues the rest.
@@ -79,17 +80,51 @@ def stage_evaluate(cfg: DictConfig, models: dict[str, Path], results: Path) -> d
     s = settings_from(cfg.eval)
     eval_name = f"{s.mode}_{s.num_chunks}"
     dirs = {}
+    from persistworld.utils.io import sha256_file
     for name, path in models.items():
         run = results / "models" / name
         out = run / "eval" / eval_name
+        digest = sha256_file(Path(path))
+        recorded = yaml.safe_load((run / "config.yaml").read_text()) \
+            if (run / "config.yaml").exists() else {}
+        if recorded and recorded.get("sha256") != digest:
+            print(f"      {name}: the model changed since {run} was evaluated; evaluating again")
+            shutil.rmtree(run)
         if not (out / "summary.json").exists():
             print(f"      {name}: {s.num_chunks}-chunk rollouts on held-out episodes")
             evaluate_model(str(path), cfg.data, s, out)
         atomic_write_text(run / "config.yaml", yaml.safe_dump(
-            {"model": name, "seed": int(cfg.seed), "source": str(path)}))
+            {"model": name, "seed": int(cfg.seed), "source": str(path), "sha256": digest}))
         atomic_write_json(run / "status.json", {"state": "completed", "step": 0})
         dirs[name] = run
     return dirs
+
+
+def stage_drift_figure(cfg: DictConfig, base: Path, dirs: dict[str, Path], out: Path) -> Path:
+    """The base model teacher-forced (ground truth fed back after every chunk) next to the
+    autoregressive rollouts of both models: the gap is the compounding (exposure-bias) error
+    PersistWorld targets (issue: "show the curve next to the teacher-forced one")."""
+    import pandas as pd
+
+    from persistworld.analysis import figures as F
+    from persistworld.analysis.stats import step_curves
+    from persistworld.evaluation.run import evaluate_model, settings_from
+    s = settings_from({**OmegaConf.to_container(cfg.eval, resolve=True),
+                       "mode": "teacher_forced", "num_videos": 0, "masked": False})
+    tf_dir = dirs["base"] / "eval" / f"teacher_forced_{s.num_chunks}"
+    if not (tf_dir / "summary.json").exists():
+        print(f"      base, teacher-forced: {s.num_chunks} chunks with ground-truth history")
+        evaluate_model(str(base), cfg.data, s, tf_dir)
+    ar = f"{cfg.eval.mode}_{cfg.eval.num_chunks}"
+    parts = [pd.read_parquet(tf_dir / "frames.parquet").assign(run="base, teacher-forced")]
+    for name in MODELS:
+        parts.append(pd.read_parquet(dirs[name] / "eval" / ar / "frames.parquet")
+                     .assign(run=f"{name}, autoregressive"))
+    curves = step_curves(pd.concat(parts, ignore_index=True), np.random.default_rng(0),
+                         by="run", n_resamples=int(cfg.report.n_resamples))
+    fig, _ = F.plot_metric_vs_time(curves, hue="run", title="drift: autoregressive vs "
+                                   "teacher-forced (band: 95% bootstrap over samples)")
+    return F.save_figure(fig, out / "drift_vs_teacher_forced")[0]
 
 
 def side_by_side_videos(dirs: dict[str, Path], eval_name: str, out: Path) -> list[Path]:
@@ -167,6 +202,7 @@ def pipeline_main(cfg: DictConfig) -> Path:
                            out_dir=results / "report", layout="cameras", baseline="base",
                            n_resamples=int(cfg.report.n_resamples))
     videos = side_by_side_videos(dirs, eval_name, results / "videos")
+    drift = stage_drift_figure(cfg, base, dirs, results / "report" / "figures")
     lap("results", t)
     summaries = {n: json.loads((d / "eval" / eval_name / "summary.json").read_text())
                  for n, d in dirs.items()}
@@ -179,5 +215,6 @@ def pipeline_main(cfg: DictConfig) -> Path:
     print(f"Results in {results.resolve()}:\n  report: {report.resolve()}\n"
           f"  tables: {(results / 'report' / 'tables').resolve()}\n"
           f"  figures: {(results / 'report' / 'figures').resolve()}\n"
-          f"  videos ({len(videos)}): {(results / 'videos').resolve()}")
+          f"  videos ({len(videos)}): {(results / 'videos').resolve()}\n"
+          f"  drift vs teacher forcing: {Path(drift).resolve()}")
     return results

@@ -43,7 +43,7 @@ def test_pipeline_end_to_end(tiny_dataset, tmp_path):
                 "tables/autoregressive_2_masked.md", "tables/autoregressive_2_paired.csv",
                 "figures/autoregressive_2_vs_time.png",
                 "figures/autoregressive_2_paired_persistworld.png",
-                "figures/training_curves.png"):
+                "figures/training_curves.png", "figures/drift_vs_teacher_forced.png"):
         assert (report / rel).exists(), rel
     assert (results / "data_preview.png").exists()
     assert len(list((results / "videos").glob("*.gif"))) == 2

@@ -99,6 +99,8 @@ class TrainerConf:
     device: str = "cpu"              # torch device (cpu | cuda | cuda:N)
     num_threads: Optional[int] = None  # torch CPU threads; null = all cores
     progress: bool = True            # tqdm bar
+    distributed: str = "auto"        # auto: one process per torchrun/srun task when launched
+                                     #   with several (WORLD_SIZE / SLURM_NTASKS > 1); off
 
 
 @dataclass

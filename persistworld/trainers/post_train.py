@@ -10,6 +10,14 @@ One training step, as labelled stages:
     S5 ema      old policy <- EMA(policy) by its schedule; optional policy EMA
     S6 record   metrics.jsonl, numbered checkpoints, status
 
+Several processes (torchrun, srun; trainers/distributed.py) split a step's B prefixes into
+equal slices, one per rank: S0 is computed for all B and sliced, S1-S3b run on the rank's own
+prefixes, S4 draws the noise of ALL kept samples (same order as one process) and uses its
+slice, normalises by the global sample count and sums the gradients over ranks before
+clipping; every rank then takes the same optimiser step, so the weights stay identical and
+the run equals a one-process run with the same trainer.batch_size up to float rounding.
+Rank 0 alone writes the run directory.
+
 The policy, the old policy and the base model are three copies of the same world model:
 policy = base + trainable LoRA adapters + trainable action encoder; old policy = an EMA of the
 policy's trainable parameters; base = adapters off (a frozen copy), for the KL term.
@@ -33,6 +41,7 @@ from persistworld.rewards.group import best_of_n, group_advantages
 from persistworld.rewards.reward import MultiViewReward, RewardWeights
 from persistworld.rollout.branching import Branches, branch, rollout_prefix
 from persistworld.rollout.prefix import PrefixSampler
+from persistworld.trainers.distributed import Dist
 from persistworld.trainers.ema import EMASchedule, ema_update
 from persistworld.trainers.optim import build_optimizer, warmup_cosine
 from persistworld.utils import preempt
@@ -46,7 +55,8 @@ SAMPLING_POLICIES = ("current", "old")
 # settings that may change when an interrupted run is resumed (the rest must match)
 RESUMABLE_CHANGES = ("trainer.steps", "trainer.progress", "trainer.ckpt_every", "trainer.device",
                      "trainer.eval_every", "trainer.eval_chunks", "trainer.eval_samples", "eval",
-                     "run_dir", "data.root", "data.workers", "base_model")
+                     "run_dir", "data.root", "data.workers", "base_model",
+                     "trainer.distributed")
 
 
 class Pruned(Exception):
@@ -88,9 +98,11 @@ class Setup:
                 f"needs {self.frames_needed} frames after it")
 
 
-def validate(cfg: DictConfig) -> tuple[Setup, PrefixSampler, RewardWeights, EMASchedule,
-                                       NFTVariant]:
-    """Every impossible setting fails here with one message naming it, before any work."""
+def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler,
+                                                            RewardWeights, EMASchedule,
+                                                            NFTVariant]:
+    """Every impossible setting fails here with one message naming it, before any work.
+    ``world_size``: processes sharing the run (each takes batch_size / world_size prefixes)."""
     r = cfg.rollout
     K = int(r.group_size)
     if K < 2:
@@ -127,6 +139,10 @@ def validate(cfg: DictConfig) -> tuple[Setup, PrefixSampler, RewardWeights, EMAS
     t = cfg.trainer
     if int(t.steps) < 1 or int(t.batch_size) < 1:
         raise ValueError("trainer.steps and trainer.batch_size must be >= 1")
+    if int(t.batch_size) % world_size:
+        raise ValueError(f"trainer.batch_size={t.batch_size} (global prefixes per step) must be "
+                         f"divisible by the number of processes ({world_size}): each process "
+                         f"takes an equal slice of the prefixes")
     if cfg.lora.rank < 1:
         raise ValueError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
     setup = Setup(int(t.batch_size), K, K if n is None else 2 * n, int(r.branch_chunks),
@@ -198,16 +214,25 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class PostTrainer:
     on_eval = None      # optional callable(step, eval_metrics) after each in-training check
 
-    def __init__(self, cfg: DictConfig, overrides: list[str] | None = None):
+    def __init__(self, cfg: DictConfig, overrides: list[str] | None = None,
+                 dist: Dist | None = None):
         from persistworld.world_model import load_world_model
         self.cfg = cfg
         self.overrides = hydra_overrides() if overrides is None else list(overrides)
+        self.dist = Dist.plan(str(cfg.trainer.get("distributed", "auto"))) if dist is None \
+            else dist
         (self.setup, self.prefix, weights, self.old_schedule,
-         self.variant) = validate(cfg)
+         self.variant) = validate(cfg, self.dist.world)
         self.store = EpisodeStore(cfg.data.root)
         check_episode_lengths(self.store, self.setup, int(cfg.data.stride))
-        self.device = torch.device(cfg.trainer.device)
-        torch.set_num_threads(int(cfg.trainer.num_threads or os.cpu_count() or 1))
+        self.device = self.dist.device_for(cfg.trainer.device)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.dist.enabled else 1
+        torch.set_num_threads(int(cfg.trainer.num_threads
+                                  or max(1, (os.cpu_count() or 1) // local)))
+        self.dist.start(self.device)
+        # this rank's slice of the B prefixes of every step
+        self.local_prefixes = self.setup.batch_prefixes // self.dist.world
+        self.first_prefix = self.dist.rank * self.local_prefixes
         seed_everything(int(cfg.seed))
 
         base = load_world_model(cfg.base_model).to(self.device).eval()
@@ -216,6 +241,7 @@ class PostTrainer:
         self.trainable = add_lora(self.policy, int(cfg.lora.rank), float(cfg.lora.alpha),
                                   list(cfg.lora.target_modules),
                                   bool(cfg.lora.train_action_encoder))
+        self.dist.broadcast_(trainable_params(self.policy, self.trainable))   # same start
         self.old = copy.deepcopy(self.policy).requires_grad_(False).eval()
         self.ema = (copy.deepcopy(self.policy).requires_grad_(False).eval()
                     if float(cfg.policy_ema.decay) > 0 else None)
@@ -229,7 +255,9 @@ class PostTrainer:
                                    + self.setup.branch_chunks, self.setup.future,
                                    int(cfg.data.stride), starts_per_episode=None)
         self.step = 0
-        self.run = RunDir(cfg.run_dir)      # created only once the settings have passed
+        # created only once the settings have passed, and only by rank 0 (the others never
+        # write the run directory; they get rank 0's checkpoint through the process group)
+        self.run = RunDir(cfg.run_dir) if self.dist.is_main else None
 
     # -- resume --------------------------------------------------------------------------
     def state(self) -> dict:
@@ -250,15 +278,18 @@ class PostTrainer:
 
     # -- S0: starts and prefix lengths ------------------------------------------------------
     def stage_starts(self) -> tuple[dict, torch.Tensor, list[int]]:
+        """The step's B starts, prefix lengths and seeds, drawn for all B exactly as one
+        process does, then this rank's slice (all of them with one process)."""
         g = torch.Generator().manual_seed(derive_seed(int(self.cfg.seed), self.step, 0))
         B = self.setup.batch_prefixes
         idx = torch.randint(len(self.data), (B,), generator=g).tolist()
-        items = [self.data[i] for i in idx]
-        batch = {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k])
-                 else torch.tensor([it[k] for it in items]) for k in items[0]}
         P = self.prefix.sample(self.step, B, g)
         seeds = [derive_seed(int(self.cfg.seed), self.step, b + 1) for b in range(B)]
-        return batch, P, seeds
+        mine = slice(self.first_prefix, self.first_prefix + self.local_prefixes)
+        items = [self.data[i] for i in idx[mine]]
+        batch = {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k])
+                 else torch.tensor([it[k] for it in items]) for k in items[0]}
+        return batch, P[mine], seeds[mine]
 
     # -- S1 + S2: prefix and branches -------------------------------------------------------
     def stage_rollouts(self, batch: dict, P: torch.Tensor, seeds: list[int],
@@ -288,7 +319,7 @@ class PostTrainer:
 
     # -- S3: rewards and group weights ------------------------------------------------------
     def stage_score(self, cands: Branches, truth: torch.Tensor, sampler: WorldModel):
-        B, K = self.setup.batch_prefixes, self.setup.group_size
+        B, K = self.local_prefixes, self.setup.group_size
         pixels = sampler.decode(cands.clip()).clamp(0, 1).cpu()         # (B*K, F*L, V, 3, h, w)
         target = truth.repeat_interleave(K, 0)
         R, info = self.reward(pixels, target)
@@ -306,47 +337,65 @@ class PostTrainer:
         return grid[torch.randint(len(grid), (n,), generator=g)]
 
     def stage_update(self, cands: Branches, keep: torch.Tensor, r: torch.Tensor) -> dict:
-        """keep: (B, M) kept candidate indices per group; r: (B, K) reward weights."""
+        """keep: (b, M) kept candidate indices per group; r: (b, K) reward weights, for this
+        rank's b prefixes. The noise is drawn for all B*M kept samples of the step in one
+        process's order (micro-batch by micro-batch) and each rank uses the rows of its own
+        samples, so any number of processes sees the same sigma and eps per sample."""
         K, o = self.setup.group_size, self.cfg.objective
-        flat = (keep + torch.arange(keep.shape[0])[:, None] * K).flatten()  # (B*M,)
+        flat = (keep + torch.arange(keep.shape[0])[:, None] * K).flatten()  # (b*M,) local
         r_kept = r.flatten()[flat].to(self.device)
+        n_local = len(flat)
+        n_total = n_local * self.dist.world                                # B*M, global
+        first = self.dist.rank * n_local                    # this rank's first global sample
         g = torch.Generator().manual_seed(derive_seed(int(self.cfg.seed), self.step, 10**6))
         self.policy.train()
         self.opt.zero_grad()
         parts = {"loss": 0.0, "loss/pos": 0.0, "loss/neg": 0.0, "loss/kl": 0.0,
                  "old_deviation": 0.0}
         F = len(cands.latents)
-        micro = int(self.cfg.trainer.micro_batch or len(flat))
+        frac = 1.0 / (n_total * F)                           # global normalisation
+        micro = int(self.cfg.trainer.micro_batch or n_total)
         for c in range(F):
-            for s in range(0, len(flat), micro):
-                sel = flat[s:s + micro]
+            for s in range(0, n_total, micro):
+                m = min(micro, n_total - s)                 # one process's micro-batch
+                shape = (m, *cands.latents[c].shape[1:])
+                sigma_all = self.sample_sigma(m, g)
+                eps_all = torch.randn(shape, generator=g)
+                lo, hi = max(s, first), min(s + m, first + n_local)     # our rows of it
+                if lo >= hi:
+                    continue
+                sel = flat[lo - first:hi - first]
                 x0 = cands.latents[c][sel]                                 # (m, L, C, Hs, Ws)
                 buf = HistoryBuffer(cands.buffers[c].latents[sel], cands.buffers[c].actions[sel])
                 acts = cands.actions[c][sel]
-                sigma = self.sample_sigma(len(sel), g).to(self.device)
-                eps = torch.randn(x0.shape, generator=g).to(self.device)
+                sigma = sigma_all[lo - s:hi - s].to(self.device)
+                eps = eps_all[lo - s:hi - s].to(self.device)
                 x_sigma = x0 + sigma.view(-1, *[1] * (x0.dim() - 1)) * eps
                 x0_theta = self.policy.denoise(x_sigma, sigma, buf, acts)
                 with torch.no_grad():
                     x0_old = self.old.denoise(x_sigma, sigma, buf, acts)
                     x0_base = (self.base.denoise(x_sigma, sigma, buf, acts)
                                if float(o.w_kl) > 0 else None)
-                out = nft_loss(x0_theta, x0_old, x0, r_kept[s:s + micro], float(o.beta),
-                               self.variant)
+                out = nft_loss(x0_theta, x0_old, x0, r_kept[lo - first:hi - first],
+                               float(o.beta), self.variant)
                 loss = out["loss"]
                 if x0_base is not None:
                     kl = kl_to_base(x0_theta, x0_base)
                     loss = loss + float(o.w_kl) * kl
                     parts["loss/kl"] += kl.sum().item()
-                frac = 1.0 / (len(flat) * F)
                 (loss.sum() * frac).backward()
                 parts["loss"] += loss.sum().item() * frac
                 parts["loss/pos"] += out["pos"].sum().item() * frac
                 parts["loss/neg"] += out["neg"].sum().item() * frac
                 parts["old_deviation"] += (x0_theta.detach() - x0_old).pow(2).flatten(1) \
                     .mean(1).sqrt().sum().item() * frac
-        parts["loss/kl"] /= len(flat) * F
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.dist.enabled:                     # sums over ranks = one process's sums
+            self.sum_gradients(params)
+            totals = torch.tensor([parts[k] for k in parts], dtype=torch.float64)
+            self.dist.all_reduce_(totals)
+            parts = dict(zip(parts, totals.tolist()))
+        parts["loss/kl"] /= n_total * F
         clip = float(self.cfg.optim.grad_clip or 0)
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         self.opt.set_lr_factor(warmup_cosine(self.step, int(self.cfg.optim.warmup_steps),
@@ -355,6 +404,24 @@ class PostTrainer:
         self.policy.eval()
         parts["grad_norm"] = float(gnorm)
         return parts
+
+    def sum_gradients(self, params: list[torch.Tensor]) -> None:
+        """All-reduce (sum) the gradients, as one flat buffer. A parameter without a gradient
+        on every rank keeps none (as with one process); one that has a gradient on some rank
+        gets the sum (zeros standing in where it had none)."""
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        self.dist.all_reduce_(has, "max")
+        live = [p for p, h in zip(params, has.tolist()) if h > 0]
+        if not live:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in live])
+        self.dist.all_reduce_(flat)
+        i = 0
+        for p in live:
+            n = p.numel()
+            p.grad = flat[i:i + n].view_as(p).clone()
+            i += n
 
     # -- S5: EMA of the old policy and of the policy ----------------------------------------
     def stage_ema(self) -> float:
@@ -369,26 +436,37 @@ class PostTrainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> Path:
-        cfg, run = self.cfg, self.run
-        if run.is_completed():
-            print(f"{run.root} is already completed; nothing to do (delete it or choose "
-                  f"another run_dir to train again)")
-            return run.root / "model.pt"
-        if self.final_model_written():
+        cfg, run, d = self.cfg, self.run, self.dist
+        root = Path(cfg.run_dir)
+        # rank 0 reads the run directory and decides; the other ranks follow (and get rank 0's
+        # checkpoint through the process group, so they need not see the directory)
+        what, ckpt = d.main_only(self.plan_start)
+        if what == "completed":
+            if d.is_main:
+                print(f"{run.root} is already completed; nothing to do (delete it or choose "
+                      f"another run_dir to train again)")
+            return root / "model.pt"
+        if what == "finish":
             return self.finish()            # killed during the final evaluation: redo only that
-        ckpt = run.load_latest_checkpoint()
-        if ckpt is not None:
-            self.check_same_config()
-        run.write_config(OmegaConf.to_yaml(cfg, resolve=True), self.overrides)
+        if d.is_main:
+            run.write_config(OmegaConf.to_yaml(cfg, resolve=True), self.overrides)
         if ckpt is not None:
             self.load(ckpt)
-            run.truncate_metrics_after(self.step)
-            run.log(f"resumed from step {self.step}")
-        print(self.setup.describe())
-        run.set_status("running", self.step)
+            if d.is_main:
+                run.truncate_metrics_after(self.step)
+                run.log(f"resumed from step {self.step}")
+        del ckpt
+        if d.is_main:
+            print(self.setup.describe())
+            if d.enabled:
+                run.log(f"{d.world} processes ({d.launcher}, {d.backend}), "
+                        f"{self.local_prefixes} prefix(es) each")
+            run.set_status("running", self.step)
+        self.check_replicas()
         total = int(cfg.trainer.steps)
         bar = tqdm(total=total, initial=self.step, desc="post-train", unit="step",
-                   disable=not sys.stderr.isatty() and not cfg.trainer.progress)
+                   disable=not d.is_main or (not sys.stderr.isatty()
+                                             and not cfg.trainer.progress))
         try:
             while self.step < total:
                 times = {}
@@ -405,6 +483,12 @@ class PostTrainer:
                 decay = self.stage_ema()                                            # S5
                 self.step += 1
                 self.check_frozen()
+                # metrics over all B prefixes: gather every rank's (rank order = B order)
+                R, A, P = d.gather_cat(R), d.gather_cat(A), d.gather_cat(P)
+                info = {k: d.gather_cat(v) for k, v in info.items()}
+                if d.enabled:                   # the slowest rank's time for each stage
+                    slowest = torch.tensor([times[k] for k in times], dtype=torch.float64)
+                    times = dict(zip(times, d.all_reduce_(slowest, "max").tolist()))
                 metrics = {**parts, **times, "old_decay": decay,
                            "reward/mean": R.mean(), "reward/std": R.std(unbiased=False),
                            "reward/group_std": R.std(1, unbiased=False).mean(),
@@ -416,45 +500,71 @@ class PostTrainer:
                            **{f"reward/{k}": v.mean() for k, v in info.items()},
                            **{f"reward_std/{k}": v.std(unbiased=False)
                               for k, v in info.items()}}
-                run.log_metrics(self.step, "train", metrics)                        # S6
+                if d.is_main:
+                    run.log_metrics(self.step, "train", metrics)                    # S6
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts['loss']:.4f}", R=f"{R.mean():.3f}")
                 every = int(cfg.trainer.eval_every or 0)
                 if every and (self.step % every == 0 or self.step == total):
-                    run.log_metrics(self.step, "eval", check := self.stage_check())  # S6b
-                    if self.on_eval is not None:
-                        self.on_eval(self.step, check)      # may raise Pruned (search/driver.py)
-                if self.step % int(cfg.trainer.ckpt_every) == 0 or self.step == total:
-                    run.save_checkpoint(self.step, self.state())
-                elif preempt.requested():                    # SLURM time limit / preemption:
-                    run.save_checkpoint(self.step, self.state())  # checkpoint, then requeue
-                if preempt.requested():
+                    d.main_only(self.check_and_report)                              # S6b
+                # a preemption signal on any rank stops every rank at the same step
+                stop = preempt.requested()
+                if d.enabled:
+                    stop = bool(d.all_reduce_(torch.tensor([float(stop)]), "max").item())
+                if self.step % int(cfg.trainer.ckpt_every) == 0 or self.step == total or stop:
+                    self.check_replicas()
+                    if d.is_main:                # SLURM time limit / preemption: checkpoint,
+                        run.save_checkpoint(self.step, self.state())       # then requeue
+                if stop:
                     raise KeyboardInterrupt("preempted: checkpoint saved, requeueing")
         except BaseException as e:
-            if isinstance(e, Pruned):
-                run.set_status("pruned", self.step)
-            elif isinstance(e, KeyboardInterrupt):
-                run.set_status("interrupted", self.step)
-            else:
-                run.mark_failed(e, self.step)
+            if d.is_main:
+                if isinstance(e, Pruned):
+                    run.set_status("pruned", self.step)
+                elif isinstance(e, KeyboardInterrupt):
+                    run.set_status("interrupted", self.step)
+                else:
+                    run.mark_failed(e, self.step)
             raise
         finally:
             bar.close()
         return self.finish()
 
-    def check_same_config(self) -> None:
-        """Resuming with different training settings would silently mix two runs."""
-        import yaml
-        path = self.run.root / "config.yaml"
-        if not path.exists():
+    def plan_start(self) -> tuple[str, dict | None]:
+        """(rank 0) "completed", "finish" (only the final evaluation is left) or "train" with
+        the checkpoint to resume from (None: from scratch)."""
+        if self.run.is_completed():
+            return "completed", None
+        if self.final_model_written():
+            return "finish", None
+        ckpt = self.run.load_latest_checkpoint()
+        if ckpt is not None:
+            self.check_same_config()
+        return "train", ckpt
+
+    def check_and_report(self) -> None:
+        """(rank 0) S6b: the in-training check, logged, then the on_eval callback."""
+        check = self.stage_check()
+        self.run.log_metrics(self.step, "eval", check)
+        if self.on_eval is not None:
+            self.on_eval(self.step, check)              # may raise Pruned (search/driver.py)
+
+    def check_replicas(self) -> None:
+        """With several processes, every rank must hold bit-identical trainable weights (the
+        same summed gradients and the same optimiser step); a cheap checksum, compared."""
+        if not self.dist.enabled:
             return
-        old = yaml.safe_load(path.read_text()) or {}
-        new = OmegaConf.to_container(self.cfg, resolve=True)
-        diff = config_differences(old, new, RESUMABLE_CHANGES)
-        if diff:
-            raise ValueError(f"{self.run.root} holds a run with different settings "
-                             f"({', '.join(diff[:8])}); resume it with the same settings, or "
-                             f"choose another run_dir")
+        models = [self.policy, self.old] + ([self.ema] if self.ema is not None else [])
+        sums = torch.stack([p.detach().double().sum().cpu() for m in models
+                            for p in trainable_params(m, self.trainable)])
+        every = self.dist.gather_cat(sums[None])
+        for rank in range(1, len(every)):
+            if not torch.equal(every[rank], every[0]):
+                raise AssertionError(f"step {self.step}: the weights of rank {rank} differ "
+                                     f"from rank 0's (data-parallel replicas diverged)")
+
+    def check_same_config(self) -> None:
+        check_same_settings(self.run.root, self.cfg)
 
     def check_frozen(self) -> None:
         if self.step in (1, int(self.cfg.trainer.steps)):
@@ -483,11 +593,17 @@ class PostTrainer:
     def finish(self) -> Path:
         from persistworld.evaluation.run import evaluate_model, settings_from
         from persistworld.world_model import save_world_model
-        path = self.run.root / "model.pt"
-        if not self.final_model_written():
-            final = self.ema if self.ema is not None else self.policy
-            save_world_model(self.base, path, state_dict=merged_state_dict(final))
-            self.run.set_status("evaluating", self.step)
+        path = Path(self.cfg.run_dir) / "model.pt"
+
+        def write_model() -> None:
+            if not self.final_model_written():
+                final = self.ema if self.ema is not None else self.policy
+                save_world_model(self.base, path, state_dict=merged_state_dict(final))
+                self.run.set_status("evaluating", self.step)
+
+        self.dist.main_only(write_model)    # every rank returns once model.pt is written
+        if not self.dist.is_main:
+            return path                     # the final evaluation is rank 0's alone
         e = self.cfg.eval
         if e.enabled:
             s = settings_from({k: v for k, v in e.items() if k != "enabled"})
@@ -519,20 +635,44 @@ def load_named(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         params[n].copy_(v)
 
 
+def check_same_settings(run_dir: str | Path, cfg: DictConfig,
+                        ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> None:
+    """Resuming (or reusing) a run with different training settings would silently mix two
+    runs: raise naming the settings that differ from ``run_dir/config.yaml``."""
+    import yaml
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    diff = config_differences(old, OmegaConf.to_container(cfg, resolve=True), ignore)
+    if diff:
+        raise ValueError(f"{run_dir} holds a run with different settings "
+                         f"({', '.join(diff[:8])}); use the same settings, or choose another "
+                         f"run_dir")
+
+
 def post_train(cfg: DictConfig, on_eval=None, overrides: list[str] | None = None) -> Path:
     """`persistworld post-train [overrides]`: RL post-training, then its evaluation.
-    ``on_eval(step, metrics)`` is called after each in-training check and may raise Pruned."""
+    ``on_eval(step, metrics)`` is called after each in-training check and may raise Pruned.
+    Under torchrun / srun with several tasks (trainer.distributed=auto) every process calls
+    this; they share the run (see trainers/distributed.py)."""
+    dist = Dist.plan(str(cfg.trainer.get("distributed", "auto")))
     status = Path(cfg.run_dir) / "status.json"
-    if status.exists() and RunDir(cfg.run_dir).is_completed() \
+    if not dist.enabled and status.exists() and RunDir(cfg.run_dir).is_completed() \
             and (Path(cfg.run_dir) / "model.pt").exists():
+        check_same_settings(cfg.run_dir, cfg, tuple(k for k in RESUMABLE_CHANGES
+                                                    if k != "trainer.steps"))
         print(f"{cfg.run_dir} is already completed; nothing to do (delete it or choose "
               f"another run_dir to train again)")
         return Path(cfg.run_dir) / "model.pt"
-    trainer = PostTrainer(cfg, overrides)
-    trainer.on_eval = on_eval
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=trainer.device.type != "cpu")
     try:
-        return trainer.train()
+        trainer = PostTrainer(cfg, overrides, dist)
+        trainer.on_eval = on_eval
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=trainer.device.type != "cpu")
+        try:
+            return trainer.train()
+        finally:
+            torch.use_deterministic_algorithms(was)
     finally:
-        torch.use_deterministic_algorithms(was)
+        dist.close()
