@@ -99,6 +99,7 @@ class TrainerConf:
     device: str = "cpu"              # torch device (cpu | cuda | cuda:N)
     num_threads: Optional[int] = None  # torch CPU threads; null = all cores
     progress: bool = True            # tqdm bar
+    precision: str = "fp32"          # fp32 | bf16 (autocast around the network calls; GPU)
     distributed: str = "auto"        # auto: one process per torchrun/srun task when launched
                                      #   with several (WORLD_SIZE / SLURM_NTASKS > 1); off
 

@@ -30,6 +30,14 @@ class Branches:
     actions: list[torch.Tensor]         # F x (B*K, L, A)
     group_size: int                     # K
 
+    def to_float(self) -> "Branches":
+        """float32 copies (candidates sampled under bf16 autocast come out in bfloat16)."""
+        if all(x.dtype == torch.float32 for x in self.latents):
+            return self
+        return Branches([x.float() for x in self.latents],
+                        [HistoryBuffer(b.latents.float(), b.actions.float()) for b in self.buffers],
+                        [a.float() for a in self.actions], self.group_size)
+
     def clip(self) -> torch.Tensor:
         """(B*K, F*L, C, Hs, Ws): the whole candidate clip."""
         return torch.cat(self.latents, 1)

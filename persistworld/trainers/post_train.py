@@ -104,6 +104,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler
     """Every impossible setting fails here with one message naming it, before any work.
     ``world_size``: processes sharing the run (each takes batch_size / world_size prefixes)."""
     r = cfg.rollout
+    if cfg.trainer.get("precision", "fp32") not in ("fp32", "bf16"):
+        raise ValueError(f"trainer.precision: unknown {cfg.trainer.precision!r} (choose from "
+                         f"fp32, bf16)")
     K = int(r.group_size)
     if K < 2:
         raise ValueError(f"rollout.group_size (K) must be >= 2 to normalise within a group, "
@@ -292,6 +295,14 @@ class PostTrainer:
         return batch, P[mine], seeds[mine]
 
     # -- S1 + S2: prefix and branches -------------------------------------------------------
+    def autocast(self):
+        """``trainer.precision=bf16``: bfloat16 autocast around the network calls (rollouts
+        and the update's forward passes); weights, optimiser state and losses stay float32."""
+        import contextlib
+        if self.cfg.trainer.get("precision", "fp32") != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
     def stage_rollouts(self, batch: dict, P: torch.Tensor, seeds: list[int],
                        times: dict | None = None) -> tuple[Branches, torch.Tensor]:
         sampler = self.policy if self.cfg.rollout.sampling_policy == "current" else self.old
@@ -302,7 +313,8 @@ class PostTrainer:
                                         sampler.history)
         acts = batch["actions"].to(self.device)                          # (B, (Pmax+F)*L, A)
         t = time.perf_counter()
-        prefix = rollout_prefix(sampler, buffer, acts, P, seeds, steps)                  # S1
+        with self.autocast():
+            prefix = rollout_prefix(sampler, buffer, acts, P, seeds, steps)              # S1
         if times is not None:
             times["time/prefix"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -311,8 +323,10 @@ class PostTrainer:
         offs = P[:, None] * L + torch.arange(F * L)[None]                 # (B, F*L)
         branch_actions = acts[rows[:, None], offs]
         truth = batch["frames"][rows[:, None], offs]                     # (B, F*L, V, 3, h, w)
-        cands = branch(sampler, prefix, branch_actions, self.setup.group_size, F, seeds,
-                       steps)                                                           # S2
+        with self.autocast():
+            cands = branch(sampler, prefix, branch_actions, self.setup.group_size, F, seeds,
+                           steps)                                                       # S2
+        cands = cands.to_float()
         if times is not None:
             times["time/branch"] = time.perf_counter() - t
         return cands, truth
@@ -371,11 +385,12 @@ class PostTrainer:
                 sigma = sigma_all[lo - s:hi - s].to(self.device)
                 eps = eps_all[lo - s:hi - s].to(self.device)
                 x_sigma = x0 + sigma.view(-1, *[1] * (x0.dim() - 1)) * eps
-                x0_theta = self.policy.denoise(x_sigma, sigma, buf, acts)
-                with torch.no_grad():
-                    x0_old = self.old.denoise(x_sigma, sigma, buf, acts)
-                    x0_base = (self.base.denoise(x_sigma, sigma, buf, acts)
-                               if float(o.w_kl) > 0 else None)
+                with self.autocast():                    # network calls only; losses fp32
+                    x0_theta = self.policy.denoise(x_sigma, sigma, buf, acts).float()
+                    with torch.no_grad():
+                        x0_old = self.old.denoise(x_sigma, sigma, buf, acts).float()
+                        x0_base = (self.base.denoise(x_sigma, sigma, buf, acts).float()
+                                   if float(o.w_kl) > 0 else None)
                 out = nft_loss(x0_theta, x0_old, x0, r_kept[lo - first:hi - first],
                                float(o.beta), self.variant)
                 loss = out["loss"]
