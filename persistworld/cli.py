@@ -71,8 +71,9 @@ def _resolve(target: str) -> Callable:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from persistworld.data.dataset import DatasetError
+    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-    return (ValueError, FileNotFoundError, DatasetError, OmegaConfBaseException)
+    return (ValueError, FileNotFoundError, DatasetError, OmegaConfBaseException, HydraException)
 
 
 def _guarded(fn: Callable) -> Callable:

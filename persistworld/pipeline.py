@@ -42,6 +42,19 @@ def _data_overrides(cfg: DictConfig) -> list[str]:
             for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()]
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """Every stage's settings, before any work: the post-training and evaluation settings
+    (and the base-training overrides) fail here with one message naming the setting."""
+    from persistworld.evaluation.run import settings_from
+    from persistworld.trainers.post_train import validate
+    settings_from(cfg.eval)
+    validate(_compose("post_train", [*_data_overrides(cfg), f"run_dir={cfg.post.run_dir}",
+                                     *cfg.post.overrides]))
+    if not cfg.base.checkpoint:
+        _compose("train_base", [*_data_overrides(cfg), f"run_dir={cfg.base.run_dir}",
+                                *cfg.base.overrides])
+
+
 def stage_base(cfg: DictConfig) -> Path:
     """The shipped checkpoint when it was made for this dataset, else train one."""
     from persistworld.trainers.base import train_base
@@ -170,6 +183,7 @@ def pipeline_main(cfg: DictConfig) -> Path:
     from persistworld.data.render import render_dataset
 
     t0 = time.time()
+    check_settings(cfg)
     results = Path(cfg.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     times = {}

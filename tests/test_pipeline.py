@@ -56,3 +56,17 @@ def test_pipeline_end_to_end(tiny_dataset, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already completed" in again.stdout
     assert "rollouts on held-out episodes" not in again.stdout
+
+
+@pytest.mark.parametrize("post,message", [
+    (["experiment=mini", "rollout.best_of_n=9"], "rollout.best_of_n"),
+    (["experiment=mini", "optim.lrr=1"], "optim.lrr"),
+])
+def test_bad_settings_fail_before_any_work(tmp_path, post, message):
+    """A wrong post-training setting stops the main job before rendering or writing anything."""
+    cmd = [sys.executable, "-m", "persistworld.cli", "pipeline", f"data.root={tmp_path / 'data'}",
+           f"results_dir={tmp_path / 'results'}", f"post.overrides={_quoted(post)}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []

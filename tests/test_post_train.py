@@ -4,15 +4,12 @@ ending with the same weights as an uninterrupted run (CPU, same seed)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from killing import kill_9_after_first_checkpoint
 
 from test_train_base import TINY_OVERRIDES
 
@@ -163,23 +160,7 @@ def test_kill_9_and_resume_gives_the_same_weights(uninterrupted, tiny_dataset, b
     from persistworld.trainers.post_train import post_train
     run_dir = tmp_path / "killed"
     overrides = _post_overrides(tiny_dataset, base_model, run_dir)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "persistworld.cli", "post-train", *overrides],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    ckpt_dir = run_dir / "checkpoints"
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if ckpt_dir.exists() and any(p.suffix == ".pt" for p in ckpt_dir.iterdir()):
-                break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {err[-2000:]!r}"
+    kill_9_after_first_checkpoint([sys.executable, "-m", "persistworld.cli", "post-train", *overrides], run_dir, timeout=180)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "running" and status["step"] < 6
     assert not (run_dir / "model.pt").exists()

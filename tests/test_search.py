@@ -286,32 +286,10 @@ def test_killed_controller_and_workers_relaunch(tiny_dataset, base_model, tmp_pa
 
 
 # -- SLURM ------------------------------------------------------------------------------------
-STATE_DIR = Path(os.environ.get("PERSISTWORLD_SLURM_DIR", "/tmp/persistworld-slurm"))
-START_HINT = "local SLURM cluster not running: start it with `bash slurm/local_cluster.sh start`"
-
-
-def _slurm_problem() -> str | None:
-    if "SLURM_CONF" not in os.environ and (STATE_DIR / "etc" / "slurm.conf").exists():
-        os.environ["SLURM_CONF"] = str(STATE_DIR / "etc" / "slurm.conf")
-    try:
-        out = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%t"], capture_output=True,
-                             text=True, timeout=20)
-    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
-        return f"`sinfo` unusable: {e}"
-    if out.returncode != 0:
-        return f"`sinfo` failed: {(out.stderr or out.stdout).strip()[:300]}"
-    if not any(s.rstrip("*~#") in ("idle", "mix", "alloc", "comp") for s in out.stdout.split()):
-        return f"partition 'debug' has no usable node ({out.stdout.split()})"
-    return None
-
-
 @pytest.mark.slurm
 def test_slurm_workers(tiny_dataset, base_model, tmp_path):
-    problem = _slurm_problem()
-    if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but the {START_HINT} ({problem})", pytrace=False)
-        pytest.skip(f"{START_HINT} ({problem})")
+    from slurm_support import require_cluster
+    require_cluster()
     from optuna.trial import TrialState
     from persistworld.search.driver import search
     space = _space(tmp_path / "tiny.yaml", n_trials=4, launcher="slurm",

@@ -19,40 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from slurm_support import PARTITION, require_cluster, skip_module_without_cluster
+
 REPO = Path(__file__).resolve().parents[1]
 APPS = Path(__file__).resolve().parent / "slurm_apps"
-STATE_DIR = Path(os.environ.get("PERSISTWORLD_SLURM_DIR", "/tmp/persistworld-slurm"))
-START_HINT = "local SLURM cluster not running: start it with `bash slurm/local_cluster.sh start`"
-PARTITION = "debug"
-
 pytestmark = pytest.mark.slurm
-
-# The clients find the local cluster through SLURM_CONF (start also links /etc/slurm/slurm.conf).
-if "SLURM_CONF" not in os.environ and (STATE_DIR / "etc" / "slurm.conf").exists():
-    os.environ["SLURM_CONF"] = str(STATE_DIR / "etc" / "slurm.conf")
-
-
-def _slurm_problem() -> str | None:
-    """None when `sinfo` answers and the debug partition has a usable node, else why not."""
-    try:
-        out = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-o", "%t"], capture_output=True,
-                             text=True, timeout=20)
-    except FileNotFoundError:
-        return "`sinfo` is not installed"
-    except subprocess.TimeoutExpired:
-        return "`sinfo` did not answer within 20 s"
-    if out.returncode != 0:
-        return f"`sinfo` failed: {(out.stderr or out.stdout).strip()[:300]}"
-    states = out.stdout.split()
-    if not any(s.rstrip("*~#") in ("idle", "mix", "alloc", "comp") for s in states):
-        return f"partition {PARTITION!r} has no usable node (states: {states or 'none'})"
-    return None
-
-
-_PROBLEM = _slurm_problem()
-_IN_CI = os.environ.get("CI") == "true"
-if _PROBLEM is not None and not _IN_CI:
-    pytest.skip(f"{START_HINT} ({_PROBLEM})", allow_module_level=True)
+_PROBLEM = skip_module_without_cluster()
 
 import cloudpickle  # noqa: E402
 import submitit  # noqa: E402
@@ -68,8 +40,7 @@ cloudpickle.register_pickle_by_value(slurm_tasks)
 
 def _require_cluster() -> None:
     """Called first by every test: under CI=true a missing cluster is a test failure."""
-    if _PROBLEM is not None:  # only reached under CI=true (else the module was skipped)
-        pytest.fail(f"CI=true but the {START_HINT} ({_PROBLEM})", pytrace=False)
+    require_cluster(_PROBLEM)  # only fails under CI=true (else the module was skipped)
 
 
 def _executor(folder: Path, max_num_timeout: int = 3, **params) -> submitit.AutoExecutor:

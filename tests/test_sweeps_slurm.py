@@ -15,44 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from slurm_support import require_cluster, skip_module_without_cluster
 from sweep_utils import TINY_POST, make_tiny_base, model_weights, run_sweep, status, sweep_cmd
 
-STATE_DIR = Path(os.environ.get("PERSISTWORLD_SLURM_DIR", "/tmp/persistworld-slurm"))
-START_HINT = "local SLURM cluster not running: start it with `bash slurm/local_cluster.sh start`"
-PARTITION = "debug"
-
 pytestmark = pytest.mark.slurm
-
-if "SLURM_CONF" not in os.environ and (STATE_DIR / "etc" / "slurm.conf").exists():
-    os.environ["SLURM_CONF"] = str(STATE_DIR / "etc" / "slurm.conf")
-
-
-def _slurm_problem() -> str | None:
-    """None when `sinfo` answers and the debug partition has a usable node, else why not."""
-    try:
-        out = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-o", "%t"], capture_output=True,
-                             text=True, timeout=20)
-    except FileNotFoundError:
-        return "`sinfo` is not installed"
-    except subprocess.TimeoutExpired:
-        return "`sinfo` did not answer within 20 s"
-    if out.returncode != 0:
-        return f"`sinfo` failed: {(out.stderr or out.stdout).strip()[:300]}"
-    states = out.stdout.split()
-    if not any(s.rstrip("*~#") in ("idle", "mix", "alloc", "comp") for s in states):
-        return f"partition {PARTITION!r} has no usable node (states: {states or 'none'})"
-    return None
-
-
-_PROBLEM = _slurm_problem()
-if _PROBLEM is not None and os.environ.get("CI") != "true":
-    pytest.skip(f"{START_HINT} ({_PROBLEM})", allow_module_level=True)
+_PROBLEM = skip_module_without_cluster()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _cluster_up():
-    if _PROBLEM is not None:
-        pytest.fail(f"{START_HINT} ({_PROBLEM})")
+    require_cluster(_PROBLEM)
 
 
 @pytest.fixture(scope="module")

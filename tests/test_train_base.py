@@ -3,15 +3,12 @@ and kill -9 + resume ending bit-identical to an uninterrupted run (CPU, same see
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from killing import kill_9_after_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,23 +101,7 @@ def test_kill_9_and_resume_is_bit_identical(uninterrupted, tiny_dataset, tmp_pat
     from persistworld.trainers.base import train_base
     run_dir = tmp_path / "killed"
     overrides = _overrides(tiny_dataset, run_dir)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "persistworld.trainers.base", *overrides],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    ckpt_dir = run_dir / "checkpoints"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if ckpt_dir.exists() and any(p.suffix == ".pt" for p in ckpt_dir.iterdir()):
-                break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {err[-2000:]!r}"
+    kill_9_after_first_checkpoint([sys.executable, "-m", "persistworld.trainers.base", *overrides], run_dir, timeout=120)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "running" and status["step"] < 10
     assert not (run_dir / "model.pt").exists()
