@@ -450,7 +450,7 @@ def test_step_curves_and_figures(runs, sweep, tmp_path):
 
 
 # -- report ----------------------------------------------------------------------------------------
-def test_report_end_to_end(sweep, tmp_path):
+def test_report_end_to_end(sweep, tmp_path, capsys):
     out = tmp_path / "report"
     votes = pd.DataFrame({"winner": ["ours"] * 9 + ["base"] * 3,
                           "loser": ["base"] * 9 + ["ours"] * 3,
@@ -477,12 +477,20 @@ def test_report_end_to_end(sweep, tmp_path):
                  "figures/val14_factor_cfg.train.lr.png", "figures/training_curves.png",
                  "figures/val14_paired_0.0003.png"):
         assert (out / name).exists(), name
+    masked = pd.read_csv(out / "tables/val14_curves_masked.csv")  # Table 2's regions per step
+    assert set(masked["mask"]) == {"object", "robot"} and masked["mean"].notna().all()
     paired = pd.read_csv(out / "tables/val14_paired.csv")
     assert set(paired["model"]) == {0.0003} and (paired["win_rate"] == 0).all()
     assert len(pd.read_parquet(out / "runs.parquet")) == 7
     # default output folder and baseline choice; unknown baseline is refused
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="--baseline '0.5' is not a condition"):
         report.render_report(sweep, out_dir=tmp_path / "r2", baseline="0.5")
+    assert not (tmp_path / "r2").exists()              # refused before anything is written
+    from persistworld import cli                       # the CLI: one line, exit status 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", str(sweep), "--out", str(tmp_path / "r3"), "--factor", "cfg.nope"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--factor cfg.nope" in err
 
 
 def test_report_cli_help_and_errors(capsys):

@@ -75,7 +75,7 @@ def test_every_row_preset_composes_and_validates():
     rows = _options("row")
     assert len(rows) == sum(PAPER_ROWS.values())
     for row in rows:
-        for exp in ("paper", "mini"):
+        for exp in ("paper", "mini", "bench"):
             cfg = _compose([f"experiment={exp}", f"row={row}"])
             validate(cfg)
             assert f"{cfg.sweep.table}/{cfg.sweep.row}" == row
@@ -93,6 +93,14 @@ def test_presets_match_the_paper():
     assert (m.rollout.group_size, m.rollout.best_of_n, m.rollout.prefix.high,
             m.rollout.sampler_steps, m.trainer.steps, m.trainer.batch_size) == (8, 2, 3, 10,
                                                                                 100, 2)
+    # the embedded benchmark: mini's recipe with K=16 best-of-2 and Table 1's evaluation; its
+    # Table 6 row k16_bo2 is the preset itself (docs/results/bench/ reads Table 1 from it)
+    b = _compose(["experiment=bench"])
+    assert (b.rollout.group_size, b.rollout.best_of_n, b.eval.num_chunks, b.eval.max_samples,
+            b.optim.lr, b.trainer.steps) == (16, 2, 14, None, m.optim.lr, m.trainer.steps)
+    k = _compose(["experiment=bench", "row=group_size/k16_bo2"])
+    drop = lambda c: {key: v for key, v in OmegaConf.to_container(c).items() if key != "sweep"}
+    assert drop(k) == drop(b)
 
 
 @pytest.mark.parametrize("override, words", [

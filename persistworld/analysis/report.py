@@ -13,6 +13,7 @@ Writes into ``--out`` (default ``SWEEP_DIR/report``):
     tables/<eval>_conditions.csv      per condition and metric: mean, std, n, bootstrap CI
     tables/<eval>_paired.csv          paired per-sample comparisons against the baseline
     tables/<eval>_curves.csv          metric vs rollout step, with intervals over samples
+    tables/<eval>_curves_masked.csv   the same for the object-only / robot-only regions
     figures/*.png, figures/*.pdf      factor vs metric, metric vs time, paired deltas, training
     tables/policy_agreement.csv       with --policy-csv: Pearson r and MMRV per world model
     tables/elo.csv                    with --votes-csv: Elo with bootstrap interval
@@ -31,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from persistworld.analysis import figures as F
-from persistworld.analysis.collect import (GROUPS, METRICS, collect_frames, collect_runs,
+from persistworld.analysis.collect import (GROUPS, MASKS, METRICS, collect_frames, collect_runs,
                                            condition_labels, condition_order, infer_factors,
                                            problem_runs, read_metrics, write_table)
 from persistworld.analysis.stats import (paired_table, preference_study, step_curves,
@@ -138,26 +139,28 @@ def render_report(sweep_dirs: str | Path | Sequence[str | Path], *,
     dirs = [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else \
         [Path(d) for d in sweep_dirs]
     out = Path(out_dir) if out_dir is not None else dirs[0] / "report"
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(rng_seed)
 
     runs = collect_runs(dirs, evals=evals)
     runs = runs[~runs["run_dir"].map(lambda p: Path(p).resolve().is_relative_to(out.resolve()))]
-    write_table(runs, out / "runs")
-    problems = problem_runs(runs)
-    write_table(problems, out / "problems", formats=("csv",))
     factors = list(factors) if factors is not None else infer_factors(runs, seed_key)
     missing_factors = [f for f in factors if f not in runs]
     if missing_factors:
-        raise KeyError(f"factor(s) not in any config: {missing_factors}")
+        raise ValueError(f"--factor {', '.join(missing_factors)}: not in any run's config "
+                         f"(keys look like cfg.sweep.row, cfg.optim.lr)")
     done = runs[runs["status"] == "completed"].copy()
     done["condition"] = condition_labels(done, factors)
     conditions = condition_order(done, factors)
     found_evals = sorted({e for es in runs["evals"].dropna() for e in es.split(",") if e})
     eval_names = list(evals) if evals else found_evals
     if baseline is not None and baseline not in conditions:
-        raise KeyError(f"baseline {baseline!r} is not a condition; conditions: {conditions}")
+        raise ValueError(f"--baseline {baseline!r} is not a condition; conditions: "
+                         f"{', '.join(map(repr, conditions))}")
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    write_table(runs, out / "runs")
+    problems = problem_runs(runs)
+    write_table(problems, out / "problems", formats=("csv",))
     base = baseline if baseline is not None else (conditions[0] if conditions else None)
 
     doc = _Doc(out, embed=embed)
@@ -228,6 +231,12 @@ def render_report(sweep_dirs: str | Path | Sequence[str | Path], *,
             continue
         curves = step_curves(frames, rng, by="condition", x=x, n_resamples=curve_resamples)
         write_table(curves, out / "tables" / f"{_slug(ev)}_curves", formats=("csv",))
+        masked = [step_curves(frames, rng, by="condition", x=x, mask=m,
+                              n_resamples=curve_resamples)
+                  for m in MASKS if f"lpips_{m}" in frames and frames[f"lpips_{m}"].notna().any()]
+        if masked:                                       # Table 2's regions, per rollout step
+            write_table(pd.concat(masked, ignore_index=True),
+                        out / "tables" / f"{_slug(ev)}_curves_masked", formats=("csv",))
         fig, _ = F.plot_metric_vs_time(curves, hue="condition", x=x, order=[
             c for c in conditions if c in set(curves["condition"])])
         doc.figure(F.save_figure(fig, out / "figures" / f"{_slug(ev)}_vs_time"),
