@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded benchmark's ablations (docs/results/bench/): Table 6 (group size / best-of-N;
+# The embedded benchmark's ablations (issue 8): Table 6 (group size / best-of-N;
 # its k16_bo2 row is `experiment=bench` itself, i.e. Table 1) and Table 5 (prefix strategy),
 # 3 seeds, plus the base model as the tables' reference row. Each run is one
 # `persistworld sweep TABLE row=TABLE/ROW seed=S experiment=bench` (pre-flight, skip if done,
