@@ -25,7 +25,7 @@ export COMMON="data.root=$DATA base_model=$BASE experiment=bench trainer.device=
 B=$SW/base_ref/$DEV
 if [ ! -f "$B/status.json" ]; then
   mkdir -p "$B"
-  printf 'sweep:\n  row: base (no post-training)\nseed: 0\nsource: %s\ndevice: %s\n' "$BASE" "$DEV" > "$B/config.yaml"
+  printf 'sweep:\n  row: base (no post-training)\nseed: 0\nrun_dir: %s\nsource: %s\ndevice: %s\n' "$B" "$BASE" "$DEV" > "$B/config.yaml"
   ( $PY -m persistworld.cli evaluate data.root=$DATA model=$BASE eval.num_chunks=14 eval.num_steps=10 \
       eval.num_videos=0 eval.batch_size=20 device=$DEV out_dir=$B/eval/autoregressive_14 \
       > "$LOGS/base_ref_$DEV.log" 2>&1 && echo '{"state": "completed", "step": 0}' > "$B/status.json" ) &

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from typing import Callable
 
 # name -> (Hydra config name, "module:function", one-line help)
@@ -99,6 +100,46 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _flag_value(args: list[str], names: tuple[str, ...]) -> str | None:
+    for i, a in enumerate(args):
+        for n in names:
+            if a == n and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(n + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
+def _multirun_preflight(rest: list[str]) -> None:
+    """`persistworld post-train -m --config-dir sweeps --config-name NAME ...` (Hydra's own
+    route to a sweep file) gets the same pre-flight as `persistworld sweep NAME ...`: every
+    job composed and checked, and nothing launched if one of them cannot run."""
+    if not {"-m", "--multirun"} & set(rest) or {"--cfg", "-c", "--help", "-h"} & set(rest):
+        return
+    cdir = _flag_value(rest, ("--config-dir", "-cd"))
+    name = _flag_value(rest, ("--config-name", "-cn"))
+    if not cdir or not name:
+        return
+    sweep = Path(cdir) / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if not sweep.is_file():
+        return
+    from persistworld.sweeps.command import expand, preflight, print_jobs
+    values = {_flag_value(rest, f) for f in (("--config-dir", "-cd"), ("--config-name", "-cn"))}
+    overrides = [a for a in rest if not a.startswith("-") and a not in values]
+    try:
+        jobs = preflight(sweep, expand(sweep, overrides))
+    except Exception as e:
+        print(f"persistworld post-train: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    bad = [j for j in jobs if j.errors]
+    if bad:
+        print_jobs(jobs, f"sweep {sweep.stem}: {len(jobs)} jobs, {len(bad)} with errors "
+                         f"(pre-flight)")
+        print(f"persistworld post-train: error: {len(bad)} of {len(jobs)} jobs cannot run; "
+              f"nothing was launched", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -116,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"persistworld: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
     config_name, target, _ = COMMANDS[cmd]
+    if cmd == "post-train":
+        _multirun_preflight(rest)
     import hydra
     fn = _guarded(_resolve(target))
     sys.argv = [f"persistworld {cmd}", *rest]

@@ -199,6 +199,26 @@ def test_preflight_rejects_bad_jobs_before_launching(tmp_path, tiny_dataset, tin
     assert not any(out.rglob("status.json"))
 
 
+def test_raw_hydra_multirun_route_gets_the_same_preflight(tmp_path, tiny_dataset, tiny_base):
+    """`persistworld post-train -m --config-dir sweeps --config-name lr` is checked like
+    `persistworld sweep lr`: one bad job stops the launch before any run starts."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "persistworld.cli", "post-train", "-m", "--config-dir",
+           str(SWEEPS), "--config-name", "lr", "seed=0", f"base_model={tiny_base}",
+           f"sweep.out={out}", *TINY_POST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*cmd, "data.root=/nonexistent"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=240, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "manifest.json" in r.stdout and "nothing was launched" in r.stderr
+    r = subprocess.run([*cmd, f"data.root={tiny_dataset}", "rollout.best_of_n=3"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 2 and "rollout.best_of_n=3" in r.stdout, r.stdout + r.stderr
+    assert not any(out.rglob("status.json"))
+
+
 def test_local_sweep_end_to_end_relaunch_and_collect(tmp_path, tiny_dataset, tiny_base):
     from persistworld.analysis.collect import collect_runs, infer_factors
     out = tmp_path / "out"

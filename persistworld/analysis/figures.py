@@ -132,6 +132,7 @@ def plot_paired_deltas(results: Mapping[str, PairedComparison], *, bins: int = 3
         ax.set_xlabel(f"Δ {METRIC_LABEL.get(metric, metric).split(' ')[0]} "
                       f"(model − baseline); better {side}", fontsize=8)
         ax.set_ylabel("samples", fontsize=8)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{key}: win {100 * res.win_rate:.1f}% (n={res.n})\n"
                      f"sign p={res.sign_p:.1e}, Wilcoxon p={res.wilcoxon_p:.1e}", fontsize=8)
         ax.tick_params(labelsize=7)
