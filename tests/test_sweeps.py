@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -202,8 +204,6 @@ def test_preflight_rejects_bad_jobs_before_launching(tmp_path, tiny_dataset, tin
 def test_raw_hydra_multirun_route_gets_the_same_preflight(tmp_path, tiny_dataset, tiny_base):
     """`persistworld post-train -m --config-dir sweeps --config-name lr` is checked like
     `persistworld sweep lr`: one bad job stops the launch before any run starts."""
-    import subprocess
-    import sys
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "persistworld.cli", "post-train", "-m", "--config-dir",
            str(SWEEPS), "--config-name", "lr", "seed=0", f"base_model={tiny_base}",
