@@ -18,6 +18,9 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 T0=$(date +%s); export END=$((T0 + ${END_S:-86400}))
 P=${P:-2}; DEV=${DEV:-cpu}; export PY=${PY:-python3}
 SW=${OUT_DIR:-sweeps_out/bench}; DATA=${DATA:-data/mini_droid}; BASE=${BASE:-models/mini_droid_base.pt}
+# the inputs every job needs, checked once before anything starts or is written
+[ -f "$DATA/manifest.json" ] || { echo "bench_tables.sh: DATA=$DATA: no dataset (manifest.json missing); render it with \`persistworld render data.root=$DATA\`" >&2; exit 2; }
+[ -f "$BASE" ] || [ -f "$BASE/model.pt" ] || { echo "bench_tables.sh: BASE=$BASE: no model file there" >&2; exit 2; }
 export LOGS=$SW/logs; mkdir -p "$LOGS"
 export COMMON="data.root=$DATA base_model=$BASE experiment=bench trainer.device=$DEV trainer.num_threads=1 trainer.progress=false sweep.out=$SW eval.num_videos=0 eval.batch_size=20 ${EXTRA:-}"
 
@@ -28,7 +31,8 @@ if [ ! -f "$B/status.json" ]; then
   printf 'sweep:\n  row: base (no post-training)\nseed: 0\nrun_dir: %s\nsource: %s\ndevice: %s\n' "$B" "$BASE" "$DEV" > "$B/config.yaml"
   ( $PY -m persistworld.cli evaluate data.root=$DATA model=$BASE eval.num_chunks=14 eval.num_steps=10 \
       eval.num_videos=0 eval.batch_size=20 device=$DEV out_dir=$B/eval/autoregressive_14 \
-      > "$LOGS/base_ref_$DEV.log" 2>&1 && echo '{"state": "completed", "step": 0}' > "$B/status.json" ) &
+      > "$LOGS/base_ref_$DEV.log" 2>&1 && echo '{"state": "completed", "step": 0}' > "$B/status.json" \
+    || echo "bench_tables.sh: the base reference evaluation failed; see $LOGS/base_ref_$DEV.log" >&2 ) &
 fi
 
 if [ -n "${JOBS:-}" ]; then printf '%s\n' "$JOBS"; else
@@ -40,11 +44,12 @@ fi > "$LOGS/jobs.txt"
 
 run_one() {
   local left=$((END - $(date +%s))) t=$(date +%s)
-  if [ $left -lt ${MIN_LEFT:-60} ]; then echo "$1 $2 $3 skipped (time)" >> "$LOGS/times.txt"; return 0; fi
+  if [ $left -lt ${MIN_LEFT:-60} ]; then echo "$1 $2 $3 skipped (time)" | tee -a "$LOGS/times.txt"; return 0; fi
   timeout $left $PY -m persistworld.cli sweep "$1" "row=$1/$2" "seed=$3" $COMMON > "$LOGS/$1_$2_$3.log" 2>&1
-  echo "$1 $2 $3 rc=$? $(( $(date +%s) - t )) s" >> "$LOGS/times.txt"
+  echo "$1 $2 $3 rc=$? $(( $(date +%s) - t )) s" | tee -a "$LOGS/times.txt"   # one line per finished run
 }
 export -f run_one
+echo "$(wc -l < "$LOGS/jobs.txt") runs, $P at a time on $DEV; per-run logs in $LOGS/, progress below"
 xargs -P "$P" -L 1 bash -c 'run_one "$@"' _ < "$LOGS/jobs.txt"
 wait
-echo "done in $(( $(date +%s) - T0 )) s"; cat "$LOGS/times.txt"
+echo "done in $(( $(date +%s) - T0 )) s: $(grep -c "rc=0" "$LOGS/times.txt") completed runs in $LOGS/times.txt (this and earlier invocations)"
