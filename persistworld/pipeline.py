@@ -133,6 +133,13 @@ def stage_drift_figure(cfg: DictConfig, base: Path, dirs: dict[str, Path], out: 
     for name in MODELS:
         parts.append(pd.read_parquet(dirs[name] / "eval" / ar / "frames.parquet")
                      .assign(run=f"{name}, autoregressive"))
+    # the trivial baselines on the same samples (scored by each evaluation)
+    for path, label in ((dirs["base"] / "eval" / ar / "baselines" / "nothing_moves",
+                         "nothing moves (start frame)"),
+                        (tf_dir / "baselines" / "repeat_last",
+                         "repeat last frame (ground-truth history)")):
+        if (path / "frames.parquet").exists():
+            parts.append(pd.read_parquet(path / "frames.parquet").assign(run=label))
     curves = step_curves(pd.concat(parts, ignore_index=True), np.random.default_rng(0),
                          by="run", n_resamples=int(cfg.report.n_resamples))
     fig, _ = F.plot_metric_vs_time(curves, hue="run", title="drift: autoregressive vs "
@@ -141,8 +148,10 @@ def stage_drift_figure(cfg: DictConfig, base: Path, dirs: dict[str, Path], out: 
 
 
 def side_by_side_videos(dirs: dict[str, Path], eval_name: str, out: Path) -> list[Path]:
-    """truth | base | PersistWorld for the samples both evaluations kept frames of."""
-    from persistworld.evaluation.videos import side_by_side, write_gif
+    """truth | base | PersistWorld for the samples both evaluations kept frames of, as GIFs,
+    and for each also a still picture of the first, middle and last frame (``*_frames.png``:
+    where a reader sees whether the robot and the object survive the rollout)."""
+    from persistworld.evaluation.videos import frames_picture, side_by_side, write_gif, write_png
     first = dirs[MODELS[0]] / "eval" / eval_name / "videos"
     written = []
     for npz in sorted(first.glob("*.npz")):
@@ -154,6 +163,9 @@ def side_by_side_videos(dirs: dict[str, Path], eval_name: str, out: Path) -> lis
             rows[name] = np.load(other)["pred"]
         else:
             written.append(write_gif(out / npz.name.replace(".npz", ".gif"), side_by_side(rows)))
+            T = len(rows["truth"])
+            write_png(out / npz.name.replace(".npz", "_frames.png"),
+                      frames_picture(rows, [0, T // 2, T - 1]))
     return written
 
 
@@ -161,12 +173,16 @@ def comparison_text(summaries: dict[str, dict], paired_csv: Path | None) -> str:
     """A few lines with the relative changes (and paired tests) for the terminal."""
     lines = []
     b, p = summaries["base"]["metrics"], summaries["persistworld"]["metrics"]
+    still = summaries["base"].get("baselines", {}).get("nothing_moves")
     for group in ("external", "wrist"):
         parts = []
         for m in ("ssim", "psnr", "lpips"):
             rel = 100 * (p[group][m] - b[group][m]) / abs(b[group][m])
             parts.append(f"{m.upper()} {b[group][m]:.4f} -> {p[group][m]:.4f} ({rel:+.1f}%)")
         lines.append(f"  {group:8s}: " + ", ".join(parts))
+        if still:
+            lines.append(f"  {'':8s}  nothing moves (start frame): " + ", ".join(
+                f"{m.upper()} {still[group][m]:.4f}" for m in ("ssim", "psnr", "lpips")))
     if paired_csv is not None and paired_csv.exists():
         import pandas as pd
         df = pd.read_csv(paired_csv)

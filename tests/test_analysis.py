@@ -500,3 +500,36 @@ def test_report_cli_help_and_errors(capsys):
     assert "SWEEP_DIR" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         report.main(["a", "b"])  # several sweeps need --out
+
+
+def test_report_shows_the_trivial_baselines_as_standing_rows(tmp_path):
+    """Each run's evaluation scored the trivial baselines on its samples: every table, curve
+    and paired comparison of the report carries them, after the model conditions."""
+    root = tmp_path / "sweep"
+    for lr, q in QUALITY.items():
+        cfg = {"seed": 0, "run_dir": str(root / f"lr={lr:g}"), "train": {"lr": lr, "steps": 20},
+               "model": {"name": "tiny"}}
+        rd = write_run(root / f"lr={lr:g}", cfg, overrides=[f"train.lr={lr:g}"], quality=q)
+        for name, bq in (("nothing_moves", 0.75), ("repeat_last", 0.9)):
+            d = rd / "eval" / "val14" / "baselines" / name
+            d.mkdir(parents=True)
+            frames = make_frames(bq, seed=7)
+            frames.to_parquet(d / "frames.parquet", index=False)
+            (d / "summary.json").write_text(json.dumps(summary_from_frames(frames)))
+    runs = collect.collect_runs(root)
+    extra, frames = collect.baseline_runs(runs)
+    assert list(extra["run"]) == ["baseline/nothing_moves", "baseline/repeat_last"]
+    assert set(frames["run"]) == set(extra["run"]) and set(frames["eval"]) == {"val14"}
+    both = pd.concat([runs, extra], ignore_index=True)
+    assert collect.condition_order(both, ["cfg.train.lr"]) == [
+        "0.0001", "0.0003", "nothing moves (start frame)", "repeat last frame"]
+    out = tmp_path / "report"
+    report.render_report(root, factors=["cfg.train.lr"], out_dir=out, n_resamples=200,
+                         curve_resamples=100)
+    table = (out / "tables" / "val14_table.md").read_text()
+    assert table.index("0.0003") < table.index("nothing moves (start frame)") < \
+        table.index("repeat last frame")
+    curves = pd.read_csv(out / "tables" / "val14_curves.csv")
+    assert {"nothing moves (start frame)", "repeat last frame"} <= set(curves["condition"])
+    paired = pd.read_csv(out / "tables" / "val14_paired.csv")
+    assert "repeat last frame" in set(paired["model"].astype(str))

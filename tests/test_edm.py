@@ -142,3 +142,39 @@ def test_euler_is_a_pure_function_of_its_noise():
     assert torch.equal(edm.euler_sample(den, noise, sig), edm.euler_sample(den, noise, sig))
     other = edm.euler_sample(den, noise + 1e-3, sig)
     assert not torch.equal(other, edm.euler_sample(den, noise, sig))
+
+
+def test_heun_is_second_order_on_gaussian_data():
+    """Data ~ N(0, 1): D(x; sigma) = x / (sigma^2 + 1) and the probability-flow ODE has the
+    exact solution x(sigma) = x(sigma_max) sqrt(sigma^2 + 1) / sqrt(sigma_max^2 + 1)."""
+    denoise = lambda x, s: x / (s.view(-1, 1) ** 2 + 1)               # noqa: E731
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).double()
+    smin, smax = 0.05, 10.0
+    exact_end = noise * smax * (smin ** 2 + 1) ** 0.5 / (smax ** 2 + 1) ** 0.5
+    errs = {}
+    for name in ("euler", "heun"):
+        for n in (16, 32):
+            sig = edm.karras_sigmas(n, smin, smax)[:-1]               # stop at sigma_min
+            x = edm.SAMPLERS[name](denoise, noise, sig.double())
+            errs[name, n] = (x - exact_end).abs().max().item()
+    assert errs["heun", 16] < errs["euler", 16] / 4
+    assert errs["euler", 16] / errs["euler", 32] < 2.6                # first order: ~2x
+    assert errs["heun", 16] / errs["heun", 32] > 3.5                  # second order: ~4x
+
+
+@pytest.mark.parametrize("sd", [0.25, 0.5, 2.0])
+def test_general_sigma_data_identities(sd):
+    """EDM Table 1 with data std sd: unit-variance input and target for data of std sd,
+    lambda = 1 / c_out^2, and F* recovers x0 exactly."""
+    s = _s()
+    c_skip, c_out, c_in = edm.c_skip(s, sd), edm.c_out(s, sd), edm.c_in(s, sd)
+    torch.testing.assert_close(c_in ** 2 * (sd ** 2 + s ** 2), torch.ones_like(s))
+    target_var = ((c_skip * s) ** 2 + (1 - c_skip) ** 2 * sd ** 2) / c_out ** 2
+    torch.testing.assert_close(target_var, torch.ones_like(s))
+    torch.testing.assert_close(c_out ** 2 * edm.loss_weight(s, sd), torch.ones_like(s))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 3, generator=g, dtype=torch.float64) * sd
+    x = x0 + s[:, None] * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    target = edm.network_target(x0, x, s, sd)
+    got = edm.precondition(lambda x_in, cn: target, x, s, sd)
+    torch.testing.assert_close(got, x0)

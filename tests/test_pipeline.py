@@ -47,8 +47,11 @@ def test_pipeline_end_to_end(tiny_dataset, tmp_path):
         assert (report / rel).exists(), rel
     assert (results / "data_preview.png").exists()
     assert len(list((results / "videos").glob("*.gif"))) == 2
+    assert len(list((results / "videos").glob("*_frames.png"))) == 2   # first/middle/last
     table = (report / "tables" / "autoregressive_2_table.md").read_text()
     assert "base" in table and "persistworld" in table and "External" in table
+    assert "nothing moves (start frame)" in table                   # a standing row
+    assert "nothing moves (start frame)" in out.stdout
     timings = json.loads((results / "timings.json").read_text())
     assert {"data", "base", "post_train", "evaluate", "results", "total"} <= set(timings)
     # rerun: every stage is found finished, nothing is redone

@@ -11,7 +11,7 @@ from persistworld.world_model import (EmbeddedConfig, EmbeddedWorldModel, Histor
 # a tiny model: 2 UNet levels, attention at the lower one
 TINY = dict(history=6, future=5, image_height=16, image_width=16, patch=4, action_hidden=16,
             block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-            attention_head_dim=8, norm_num_groups=8, num_steps=4)
+            attention_head_dim=8, norm_num_groups=8, num_steps=4, x0_anchor="none")
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +231,8 @@ def test_x0_anchor_is_the_origin_of_the_preconditioning(anchor):
     m = build_world_model({**TINY, "x0_anchor": anchor}).eval()
     torch.nn.init.zeros_(m.unet.conv_out.weight)
     torch.nn.init.zeros_(m.unet.conv_out.bias)
+    torch.nn.init.zeros_(m.head.out.weight)               # F = head output (+ zero LinearSkip)
+    torch.nn.init.zeros_(m.head.out.bias)
     buf, acts = _inputs(m)
     x = torch.randn(2, m.future, *m.latent_shape())
     sigma = torch.tensor([0.3, 50.0])
@@ -259,3 +261,54 @@ def test_linear_skip_starts_as_the_plain_unet_and_is_sigma_conditioned():
     assert out.shape == x.shape
     lora_names = [n for n, _ in with_skip.adapter_root().named_modules()]
     assert not any(n.startswith("skip") for n in lora_names)   # LoRA sees only the UNet
+
+
+def test_frame_head_gives_every_future_frame_its_own_output_channels():
+    torch.manual_seed(0)
+    m = build_world_model({**TINY, "frame_head": 16, "unet_out_channels": 8,
+                           "linear_skip": False}).eval()
+    assert m.unet.config.out_channels == 8                   # features, not L*C outputs
+    buf, acts = _inputs(m)
+    x = torch.randn(2, m.future, *m.latent_shape())
+    sigma = torch.tensor([0.05, 3.0])
+    out = m.denoise(x, sigma, buf, acts)
+    assert out.shape == x.shape
+    # frame l's output depends on frame l's own noisy input and its own action token
+    x2 = x.clone()
+    x2[:, 2] += 1.0
+    with torch.no_grad():
+        d = (m.denoise(x2, sigma, buf, acts) - out).abs().flatten(2).amax(2)   # (B, L)
+    assert (d[:, 2] > 0).all()
+    acts2 = acts.clone()
+    acts2[:, 4] += 0.5
+    with torch.no_grad():
+        assert not torch.allclose(m.denoise(x, sigma, buf, acts2)[:, 4], out[:, 4])
+    loss = m.denoise(x, sigma, buf, acts).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in m.head.parameters())
+    with pytest.raises(ValueError, match="frame_head"):
+        EmbeddedConfig.from_mapping({**TINY, "frame_head": -1})
+
+
+def test_export_keeps_the_weights_and_may_change_only_sampler_settings(model, tmp_path):
+    import yaml
+
+    from persistworld.world_model.export import main as export_main
+    run = tmp_path / "run"
+    run.mkdir()
+    save_world_model(model, run / "model.pt")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"seed": 0, "root": "x"}}))
+    out = tmp_path / "shipped.pt"
+    assert export_main([str(run), str(out), "--float32", "--sampler", "sigma_max=10",
+                        "--sampler", "sigma_min=1.0", "--command", "make it"]) == 0
+    got = load_world_model(out)
+    assert (got.cfg.sigma_max, got.cfg.sigma_min) == (10.0, 1.0)
+    assert got.cfg.num_steps == model.cfg.num_steps
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v)
+    blob = torch.load(out, weights_only=False)
+    assert blob["data"] == {"seed": 0} and blob["command"] == "make it"
+    with pytest.raises(ValueError, match="only sampler settings"):
+        export_main([str(run), str(out), "--sampler", "patch=2"])
+    with pytest.raises(ValueError, match="sigma_min"):
+        export_main([str(run), str(out), "--sampler", "sigma_min=100"])   # > sigma_max

@@ -25,6 +25,10 @@ tables built here:
 * the **frames table** (``collect_frames``): the long per-sample, per-frame, per-view table of
   every ``eval/<eval>/frames.parquet`` with ``run`` and ``eval`` columns added.
 
+* the **baseline rows** (``baseline_runs``): the trivial predictors every evaluation scores on
+  its own samples (``eval/<eval>/baselines/<name>/``), as runs-table rows with a ``baseline``
+  label and their frames, so every table, curve and paired test shows them as standing rows.
+
 * the **metrics table** (``read_metrics``): long ``run, step, split, key, value`` rows from
   every ``metrics.jsonl``.
 """
@@ -51,6 +55,10 @@ RUN_MARKERS = ("config.yaml", "status.json", "overrides.yaml", "metrics.jsonl")
 # Config keys that vary per run without being an experimental factor (paths, names, hosts).
 NON_FACTOR_PATTERNS = ("dir", "path", "root", "host", "name", "hydra", "wandb", "time", "date")
 _SAMPLE_KEYS = ("episode", "start", "sample")
+# Trivial predictors scored next to every evaluation (evaluation/evaluate.py, TRIVIAL), by the
+# label their standing rows carry in reports
+BASELINE_LABELS = {"nothing_moves": "nothing moves (start frame)",
+                   "repeat_last": "repeat last frame"}
 
 
 # -- discovery ---------------------------------------------------------------------------------
@@ -239,6 +247,45 @@ def collect_runs(roots: str | os.PathLike | Iterable[str | os.PathLike], *,
     return df[front + cfg + rest].reset_index(drop=True)
 
 
+def baseline_runs(runs: pd.DataFrame, evals: Sequence[str] | None = None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The trivial baselines as standing rows: (runs-table rows, frames table).
+
+    For each eval name, the baselines come from the first completed run (in ``runs`` order)
+    that scored them (``eval/<eval>/baselines/<name>/summary.json``): the same samples as that
+    run's own evaluation. Rows have ``run = "baseline/<name>"``, ``status = completed``, the
+    summary columns of every eval found and ``baseline`` = the label
+    (``condition_labels`` uses it)."""
+    rows: dict[str, dict[str, Any]] = {}
+    parts = []
+    done = runs[runs["status"] == "completed"] if "status" in runs else runs.iloc[:0]
+    for name, label in BASELINE_LABELS.items():
+        run_id = f"baseline/{name}"
+        seen: set[str] = set()
+        for run_dir in done["run_dir"]:
+            for path in sorted(Path(run_dir).glob(f"eval/*/baselines/{name}/summary.json")):
+                ev = path.parent.parent.parent.name
+                if ev in seen or (evals and ev not in evals):
+                    continue
+                try:
+                    summary = json.loads(path.read_text())
+                    frames = pd.read_parquet(path.parent / "frames.parquet")
+                except (json.JSONDecodeError, OSError, ValueError):
+                    continue                          # a broken copy: try the next run's
+                seen.add(ev)
+                row = rows.setdefault(run_id, {
+                    "run": run_id, "status": "completed", "ok": True, "problems": "",
+                    "error": None, "step": 0, "run_dir": str(path.parent.resolve()),
+                    "baseline": label, "evals": ""})
+                row.update(summary_columns(ev, summary))
+                row["evals"] = ",".join(sorted(seen))
+                frames.insert(0, "eval", ev)
+                frames.insert(0, "run", run_id)
+                parts.append(frames)
+    frames = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    return pd.DataFrame(list(rows.values())), frames
+
+
 def problem_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that are not usable as they stand, with the reason (for the report)."""
     bad = runs[~runs["ok"].astype(bool)]
@@ -300,26 +347,39 @@ def _fmt_value(v: Any) -> str:
 
 def condition_labels(runs: pd.DataFrame, factors: Sequence[str]) -> pd.Series:
     """A readable label per run for its factor setting: ``"0.0001"`` for one factor,
-    ``"lr=0.0001, K=16"`` for several (last dotted component of the key)."""
+    ``"lr=0.0001, K=16"`` for several (last dotted component of the key); a trivial-baseline
+    row (``baseline_runs``) is labelled by its ``baseline`` column."""
     if not factors:
-        return pd.Series("all", index=runs.index, dtype=object)
-    if len(factors) == 1:
-        return runs[factors[0]].map(_fmt_value).astype(object)
-    parts = [runs[f].map(lambda v, f=f: f"{f.rsplit('.', 1)[-1]}={_fmt_value(v)}")
-             for f in factors]
-    return pd.concat(parts, axis=1).agg(", ".join, axis=1).astype(object)
+        labels = pd.Series("all", index=runs.index, dtype=object)
+    elif len(factors) == 1:
+        labels = runs[factors[0]].map(_fmt_value).astype(object) if factors[0] in runs \
+            else pd.Series("nan", index=runs.index, dtype=object)
+    else:
+        parts = [runs[f].map(lambda v, f=f: f"{f.rsplit('.', 1)[-1]}={_fmt_value(v)}")
+                 if f in runs else pd.Series(f"{f.rsplit('.', 1)[-1]}=nan", index=runs.index)
+                 for f in factors]
+        labels = pd.concat(parts, axis=1).agg(", ".join, axis=1).astype(object)
+    if "baseline" in runs:
+        is_baseline = runs["baseline"].notna()
+        labels[is_baseline] = runs.loc[is_baseline, "baseline"]
+    return labels
 
 
 def condition_order(runs: pd.DataFrame, factors: Sequence[str]) -> list[str]:
-    """Condition labels ordered by the factor values (numeric order where numeric)."""
+    """Condition labels ordered by the factor values (numeric order where numeric), the
+    trivial baselines last."""
     if runs.empty:
         return []
-    keyed = runs[list(factors)].copy() if factors else pd.DataFrame(index=runs.index)
-    keyed["_label"] = condition_labels(runs, factors)
+    trivial = runs["baseline"].notna() if "baseline" in runs else \
+        pd.Series(False, index=runs.index)
+    models, baselines = runs[~trivial], runs[trivial]
+    keyed = models[list(factors)].copy() if factors else pd.DataFrame(index=models.index)
+    keyed["_label"] = condition_labels(models, factors)
     keyed = keyed.drop_duplicates("_label")
-    if factors:
+    if factors and not keyed.empty:
         keyed = keyed.sort_values(list(factors), key=_sort_key, kind="stable")
-    return list(keyed["_label"])
+    trivial_labels = list(dict.fromkeys(baselines["baseline"])) if "baseline" in runs else []
+    return list(keyed["_label"]) + trivial_labels
 
 
 def _sort_key(s: pd.Series) -> pd.Series:

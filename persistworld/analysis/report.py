@@ -32,9 +32,10 @@ import numpy as np
 import pandas as pd
 
 from persistworld.analysis import figures as F
-from persistworld.analysis.collect import (GROUPS, MASKS, METRICS, collect_frames, collect_runs,
-                                           condition_labels, condition_order, infer_factors,
-                                           problem_runs, read_metrics, write_table)
+from persistworld.analysis.collect import (GROUPS, MASKS, METRICS, baseline_runs,
+                                           collect_frames, collect_runs, condition_labels,
+                                           condition_order, infer_factors, problem_runs,
+                                           read_metrics, write_table)
 from persistworld.analysis.stats import (paired_table, preference_study, step_curves,
                                          summarize_conditions)
 from persistworld.analysis.stats import policy_agreement_table as stats_policy_table
@@ -144,6 +145,10 @@ def render_report(sweep_dirs: str | Path | Sequence[str | Path], *,
     runs = collect_runs(dirs, evals=evals)
     runs = runs[~runs["run_dir"].map(lambda p: Path(p).resolve().is_relative_to(out.resolve()))]
     factors = list(factors) if factors is not None else infer_factors(runs, seed_key)
+    # the trivial baselines the runs' evaluations scored on the same samples: standing rows
+    trivial_runs, trivial_frames = baseline_runs(runs, evals)
+    if not trivial_runs.empty:
+        runs = pd.concat([runs, trivial_runs], ignore_index=True)
     missing_factors = [f for f in factors if f not in runs]
     if missing_factors:
         raise ValueError(f"--factor {', '.join(missing_factors)}: not in any run's config "
@@ -189,6 +194,9 @@ def render_report(sweep_dirs: str | Path | Sequence[str | Path], *,
     doc.frame(cond_df)
 
     frames_all = collect_frames(done, eval_names) if eval_names else pd.DataFrame()
+    if eval_names and not trivial_frames.empty:
+        frames_all = pd.concat([frames_all, trivial_frames[trivial_frames["eval"].isin(
+            eval_names)]], ignore_index=True)
     if not frames_all.empty:
         frames_all["condition"] = frames_all["run"].map(dict(zip(done["run"],
                                                                  done["condition"])))

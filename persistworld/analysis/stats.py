@@ -123,7 +123,7 @@ def summarize_conditions(runs: pd.DataFrame, factors: Sequence[str], columns: Se
         for col in columns:
             vals = pd.to_numeric(sub[col], errors="coerce") if col in sub else pd.Series([], float)
             ok = vals.notna()
-            seeds = sub.loc[ok[ok].index, seed_key] if seed_key in sub else pd.Series([], object)
+            seeds = sub.loc[ok[ok].index, seed_key] if seed_key in sub else pd.Series([], dtype=object)
             row = {"condition": label, **{f: first[f] for f in factors}, "column": col,
                    "mean": vals[ok].mean() if ok.any() else math.nan,
                    "std": vals[ok].std(ddof=1) if ok.sum() > 1 else math.nan,

@@ -5,11 +5,17 @@ Modes:
     autoregressive   the model's own outputs feed the history (what users deploy)
     teacher_forced   ground-truth frames feed the history after every chunk; the gap to the
                      autoregressive curve is the compounding (exposure-bias) error
-Predictors: a world model, or the trivial baseline ``repeat_last`` (every predicted frame is
-the last observed frame: the start frame, or in teacher-forced mode the last ground-truth
-frame before the chunk) — a model that does not beat it does not model dynamics.
+Predictors: a world model, or a trivial baseline (``TRIVIAL``), which a model that models
+dynamics must beat:
+    nothing_moves   every predicted frame is the start frame (the one observed state)
+    repeat_last     every chunk repeats the last ground-truth frame before it (in
+                    autoregressive mode it knows only the start frame: then it is nothing_moves)
+Every written evaluation scores the trivial baselines on the same samples next to the model
+(``baselines/<name>/``; autoregressive: nothing_moves only, as repeat_last is the same there),
+so every report shows them as standing rows.
 
-Writes ``eval/<name>/summary.json``, ``frames.parquet`` and ``videos/*.gif`` (docs/FORMATS.md).
+Writes ``eval/<name>/summary.json``, ``frames.parquet``, ``videos/*.gif`` and
+``baselines/{nothing_moves,repeat_last}/{summary.json,frames.parquet}`` (docs/FORMATS.md).
 """
 from __future__ import annotations
 
@@ -74,15 +80,29 @@ def model_predictor(model: WorldModel) -> Predictor:
     return predict
 
 
-def repeat_last_predictor(future: int) -> Predictor:
+def nothing_moves_predictor(future: int) -> Predictor:
+    """Every predicted frame is the start frame (B, T, V, 3, h, w)."""
     def predict(batch: dict, s: EvalSettings) -> torch.Tensor:
         frames, start = batch["frames"], batch["start_frame"]           # (B, T, V, 3, h, w)
-        B, T = frames.shape[:2]
+        return start.unsqueeze(1).expand(*frames.shape[:2], *start.shape[1:]).clone()
+    return predict
+
+
+def repeat_last_predictor(future: int) -> Predictor:
+    """Each chunk repeats the last frame the predictor may know: the last ground-truth frame
+    before the chunk when teacher-forced, the start frame when autoregressive."""
+    def predict(batch: dict, s: EvalSettings) -> torch.Tensor:
         if s.mode == "autoregressive":
-            return start.unsqueeze(1).expand(B, T, *start.shape[1:]).clone()
+            return nothing_moves_predictor(future)(batch, s)
+        frames, start = batch["frames"], batch["start_frame"]           # (B, T, V, 3, h, w)
+        T = frames.shape[1]
         last = torch.cat([start.unsqueeze(1), frames[:, future - 1:-1:future]], 1)  # per chunk
         return last.repeat_interleave(future, 1)[:, :T].clone()
     return predict
+
+
+# the trivial baselines, by the name `persistworld evaluate model=NAME` and reports use
+TRIVIAL = {"nothing_moves": nothing_moves_predictor, "repeat_last": repeat_last_predictor}
 
 
 def _score(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, masked: bool,
@@ -126,12 +146,42 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _frame_rows(batch: dict, scores: dict[str, np.ndarray], future: int) -> list[dict]:
+    """Long rows (sample, frame, view) of one batch's scores (B, T, V)."""
+    rows = []
+    B, T, V = next(iter(scores.values())).shape
+    for b in range(B):
+        base = {"sample": int(batch["sample"][b]), "episode": int(batch["episode"][b]),
+                "start": int(batch["start"][b])}
+        for t in range(T):
+            for v in range(V):
+                row = dict(base, frame=t, chunk=t // future, view=VIEWS[v],
+                           group=GROUP_OF_VIEW[VIEWS[v]])
+                row.update({k: float(a[b, t, v]) for k, a in scores.items()})
+                rows.append(row)
+    return rows
+
+
+def _write_scores(out_dir: Path, rows: list[dict], settings: EvalSettings, seconds: float,
+                  extra: dict | None = None) -> dict:
+    frames = pd.DataFrame(rows)
+    summary = summarise(frames, settings.mode, settings.num_chunks)
+    summary["seconds"] = round(seconds, 2)
+    summary.update(extra or {})
+    with atomic_path(out_dir / "frames.parquet") as tmp:
+        frames.to_parquet(tmp, index=False)
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
 def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | None,
              settings: EvalSettings, future: int = 5, stride: int = 1,
-             lpips_device: str = "cpu", label: str = "model", progress: bool = True) -> dict:
+             lpips_device: str = "cpu", label: str = "model", progress: bool = True,
+             baselines: bool = True) -> dict:
     """Roll out, score, and (unless ``out_dir`` is None: in-training checks) write
-    ``frames.parquet``, ``videos/`` and, last, ``summary.json`` (its presence marks a finished
-    evaluation)."""
+    ``frames.parquet``, ``videos/``, the trivial baselines on the same samples
+    (``baselines/<name>/``, unless ``baselines`` is False) and, last, ``summary.json`` (its
+    presence marks a finished evaluation)."""
     from persistworld.metrics.lpips import get_lpips
     out_dir = None if out_dir is None else Path(out_dir)
     if out_dir is None:
@@ -140,22 +190,24 @@ def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | 
                         settings.starts_per_episode, settings.max_samples)
     loader = torch.utils.data.DataLoader(ds, batch_size=settings.batch_size, shuffle=False)
     lpips_model = get_lpips(lpips_device)
+    # autoregressive: repeat_last knows only the start frame, i.e. it IS nothing_moves
+    trivial = {name: make(future) for name, make in TRIVIAL.items()
+               if not (name == "repeat_last" and settings.mode == "autoregressive")} \
+        if baselines and out_dir is not None else {}
+    trivial_rows: dict[str, list[dict]] = {name: [] for name in trivial}
     rows, videos_left, t0 = [], settings.num_videos, time.time()
     for batch in tqdm(loader, desc=f"eval {settings.mode} x{settings.num_chunks} chunks",
                       unit="batch", disable=not progress):
         pred = predictor(batch, settings)
         target = batch["frames"]
         scores = _score(pred, target, batch["masks"], settings.masked, lpips_model)
-        B, T, V = pred.shape[:3]
-        for b in range(B):
-            base = {"sample": int(batch["sample"][b]), "episode": int(batch["episode"][b]),
-                    "start": int(batch["start"][b])}
-            for t in range(T):
-                for v in range(V):
-                    row = dict(base, frame=t, chunk=t // future, view=VIEWS[v],
-                               group=GROUP_OF_VIEW[VIEWS[v]])
-                    row.update({k: float(a[b, t, v]) for k, a in scores.items()})
-                    rows.append(row)
+        rows.extend(_frame_rows(batch, scores, future))
+        for name, base_predict in trivial.items():
+            trivial_rows[name].extend(_frame_rows(batch, _score(
+                base_predict(batch, settings), target, batch["masks"], settings.masked,
+                lpips_model), future))
+        for b in range(pred.shape[0]):
+            base = {"episode": int(batch["episode"][b]), "start": int(batch["start"][b])}
             if videos_left > 0:
                 name = f"ep{base['episode']:05d}_t{base['start']:03d}.gif"
                 write_gif(out_dir / "videos" / name,
@@ -165,12 +217,13 @@ def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | 
                         open(tmp, "wb") as f:    # a file object: numpy would add ".npz"
                     np.savez_compressed(f, truth=to_uint8(target[b]), pred=to_uint8(pred[b]))
                 videos_left -= 1
-    frames = pd.DataFrame(rows)
-    summary = summarise(frames, settings.mode, settings.num_chunks)
-    summary["seconds"] = round(time.time() - t0, 2)
     if out_dir is None:
+        summary = summarise(pd.DataFrame(rows), settings.mode, settings.num_chunks)
+        summary["seconds"] = round(time.time() - t0, 2)
         return summary
-    with atomic_path(out_dir / "frames.parquet") as tmp:
-        frames.to_parquet(tmp, index=False)
-    atomic_write_json(out_dir / "summary.json", summary)
-    return summary
+    seconds = time.time() - t0
+    base_metrics = {name: _write_scores(out_dir / "baselines" / name, r, settings, 0.0,
+                                        {"baseline": name})["metrics"]
+                    for name, r in trivial_rows.items()}
+    extra = {"baselines": base_metrics} if base_metrics else {}
+    return _write_scores(out_dir, rows, settings, seconds, extra)    # summary.json last

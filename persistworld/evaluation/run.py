@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from persistworld.evaluation.evaluate import (EvalSettings, evaluate, model_predictor,
-                                              repeat_last_predictor)
+from persistworld.evaluation.evaluate import TRIVIAL, EvalSettings, evaluate, model_predictor
 
 
 def settings_from(cfg_eval) -> EvalSettings:
@@ -19,16 +18,17 @@ def settings_from(cfg_eval) -> EvalSettings:
 
 def default_out_dir(model: str, s: EvalSettings) -> Path:
     name = f"{s.mode}_{s.num_chunks}"
-    if model == "repeat_last":
-        return Path("runs/baselines/repeat_last/eval") / name
+    if model in TRIVIAL:
+        return Path("runs/baselines") / model / "eval" / name
     p = Path(model)
     return (p.parent if p.suffix == ".pt" else p) / "eval" / name
 
 
 def evaluate_model(model: str, data_cfg, s: EvalSettings, out_dir: str | Path,
                    device: str = "cpu") -> dict:
-    if model == "repeat_last":
-        predictor, label = repeat_last_predictor(int(data_cfg.future)), "repeat last"
+    trivial = model in TRIVIAL
+    if trivial:
+        predictor, label = TRIVIAL[model](int(data_cfg.future)), model.replace("_", " ")
     else:
         from persistworld.world_model import load_world_model
         wm = load_world_model(model).to(torch.device(device)).eval()
@@ -37,7 +37,8 @@ def evaluate_model(model: str, data_cfg, s: EvalSettings, out_dir: str | Path,
                              f"{wm.future} frames per chunk")
         predictor, label = model_predictor(wm), "model"
     return evaluate(predictor, data_cfg.root, out_dir, s, future=int(data_cfg.future),
-                    stride=int(data_cfg.stride), lpips_device=device, label=label)
+                    stride=int(data_cfg.stride), lpips_device=device, label=label,
+                    baselines=not trivial)
 
 
 def evaluate_main(cfg: DictConfig) -> dict:

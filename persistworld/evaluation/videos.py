@@ -51,3 +51,24 @@ def write_gif(path: str | Path, images: list[np.ndarray], fps: int = 5) -> Path:
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
                        duration=int(1000 / fps), loop=0)
     return path
+
+
+def frames_picture(rows: dict[str, object], frames: list[int], scale: int = 2,
+                   fps_hint: int = 5) -> np.ndarray:
+    """One still image: the ``side_by_side`` panels of the given frame indices, left to right
+    (e.g. first, middle and last frame of a rollout: truth | models x views at 0 s, 7 s, 14 s).
+    rows: label -> (T, V, 3, h, w) frames; returns (H, W, 3) uint8."""
+    panels = side_by_side(rows, scale, fps_hint)
+    picked = [panels[t] for t in frames]
+    gap = np.full((picked[0].shape[0], 8, 3), 255, np.uint8)
+    out = [picked[0]]
+    for p in picked[1:]:
+        out += [gap, p]
+    return np.concatenate(out, 1)
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return path

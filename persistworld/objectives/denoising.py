@@ -2,6 +2,7 @@
 
     x_sigma = x0 + sigma * eps,          ln sigma ~ N(P_mean, P_std^2)
     L_i     = lambda(sigma_i) * mean_j (D(x_sigma; sigma_i, c_i)_j - x0_ij)^2
+              (lambda with the model's sigma_data, 1 for Ctrl-World)
 
 Teacher forcing: the condition c (history latents + poses, future poses) is ground truth and
 the loss covers the L future frames only. Like every objective here it returns PER-SAMPLE
@@ -43,7 +44,8 @@ def denoising_loss(model: WorldModel, x0: torch.Tensor, buffer: HistoryBuffer,
     x0_hat = model.denoise(x_sigma, sigma, noised_history(buffer, history_sigma, history_eps),
                            future_actions)
     mse = (x0_hat - x0).pow(2).flatten(1).mean(1)                       # (N,)
-    return {"loss": edm.loss_weight(sigma) * mse, "mse": mse.detach()}
+    sigma_data = float(getattr(getattr(model, "cfg", None), "sigma_data", 1.0))
+    return {"loss": edm.loss_weight(sigma, sigma_data) * mse, "mse": mse.detach()}
 
 
 def draw_noise(x0: torch.Tensor, history: torch.Tensor, generator: torch.Generator,

@@ -88,12 +88,26 @@ def load_world_model(path_or_run_dir: str | Path, map_location: str | torch.devi
     return model.eval()
 
 
+# world-model settings that only the sampler reads: changing them never changes the weights,
+# so they may be chosen after training (export-model --sampler KEY=VALUE)
+SAMPLER_KEYS = ("sampler", "num_steps", "sigma_min", "sigma_max", "rho")
+
+
 def export_world_model(source: str | Path, out: str | Path, half: bool = True,
-                       extra: Mapping[str, Any] | None = None) -> Path:
+                       extra: Mapping[str, Any] | None = None,
+                       sampler: Mapping[str, Any] | None = None) -> Path:
     """Copy a trained ``model.pt`` (or a run directory's) into a compact file to ship or share:
     the same format, weights in float16 when ``half`` (they load back into float32 models),
-    plus ``extra`` keys (e.g. the data settings it was trained for and the command)."""
+    plus ``extra`` keys (e.g. the data settings it was trained for and the command).
+    ``sampler``: new values of ``SAMPLER_KEYS`` settings (checked like any config)."""
     model = load_world_model(source)
+    if sampler:
+        bad = sorted(set(sampler) - set(SAMPLER_KEYS))
+        if bad:
+            raise ValueError(f"--sampler {', '.join(bad)}: only sampler settings may change "
+                             f"after training ({', '.join(SAMPLER_KEYS)})")
+        cfg = type(model.cfg).from_mapping({**model.config_dict(), **sampler})
+        model.cfg = cfg
     sd = {k: (v.half() if half and v.is_floating_point() else v)
           for k, v in model.state_dict().items()}
     return save_world_model(model, out, state_dict=sd, extra=extra)

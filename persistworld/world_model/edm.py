@@ -29,26 +29,28 @@ P_STD = 1.6
 
 
 # ---- preconditioning (sigma: any shape; broadcast by the caller) -------------------------
-def c_skip(sigma: torch.Tensor) -> torch.Tensor:
-    return 1.0 / (sigma ** 2 + 1.0)
+# EDM's general form with the data standard deviation sigma_data (Karras et al. 2022, Table 1);
+# sigma_data = 1 (the default) is exactly Ctrl-World / SVD's form written above.
+def c_skip(sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
+    return sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
 
 
-def c_out(sigma: torch.Tensor) -> torch.Tensor:
-    return -sigma / (sigma ** 2 + 1.0).sqrt()
+def c_out(sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
+    return -sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
 
 
-def c_in(sigma: torch.Tensor) -> torch.Tensor:
-    return 1.0 / (sigma ** 2 + 1.0).sqrt()
+def c_in(sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
+    return 1.0 / (sigma ** 2 + sigma_data ** 2).sqrt()
 
 
 def c_noise(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.log() / 4.0
 
 
-def loss_weight(sigma: torch.Tensor) -> torch.Tensor:
-    """lambda(sigma) = (sigma^2 + 1) / sigma^2 = 1 / c_out(sigma)^2: the weighted x0 error
-    equals the unweighted error of the network output F against its target."""
-    return (sigma ** 2 + 1.0) / sigma ** 2
+def loss_weight(sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out(sigma)^2: the
+    weighted x0 error equals the unweighted error of the network output F against its target."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
 def _expand(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -57,22 +59,23 @@ def _expand(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def precondition(F: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_sigma: torch.Tensor,
-                 sigma: torch.Tensor) -> torch.Tensor:
+                 sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
     """x0_hat = c_skip * x_sigma + c_out * F(c_in * x_sigma, c_noise).
 
     F: the raw network, (B, ...) scaled input, (B,) c_noise -> (B, ...) output.
     x_sigma: (B, ...) noisy sample; sigma: (B,) noise levels (> 0).
     """
     s = _expand(sigma, x_sigma)
-    m = F(c_in(s) * x_sigma, c_noise(sigma.to(x_sigma.dtype)))
-    return c_skip(s) * x_sigma + c_out(s) * m
+    m = F(c_in(s, sigma_data) * x_sigma, c_noise(sigma.to(x_sigma.dtype)))
+    return c_skip(s, sigma_data) * x_sigma + c_out(s, sigma_data) * m
 
 
-def network_target(x0: torch.Tensor, x_sigma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def network_target(x0: torch.Tensor, x_sigma: torch.Tensor, sigma: torch.Tensor,
+                   sigma_data: float = 1.0) -> torch.Tensor:
     """The output F* for which ``precondition`` returns exactly x0:
     F* = (x0 - c_skip * x_sigma) / c_out. (B, ...) -> (B, ...)."""
     s = _expand(sigma, x0)
-    return (x0 - c_skip(s) * x_sigma) / c_out(s)
+    return (x0 - c_skip(s, sigma_data) * x_sigma) / c_out(s, sigma_data)
 
 
 # ---- noise levels --------------------------------------------------------------------------
@@ -125,3 +128,28 @@ def euler_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
             d = (x - x0_hat) / sigma                        # dx/dsigma
             x = x + (sigma_next - sigma) * d
     return x
+
+
+def heun_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """EDM's deterministic second-order sampler (Karras et al. 2022, Algorithm 1 without
+    churn): an Euler step to sigma_{i+1}, then the average of the slopes at both ends; the last
+    step, to sigma = 0, is a plain Euler step (x = D). 2N - 1 denoiser calls for N steps.
+    Same arguments and randomness as ``euler_sample``."""
+    B = noise.shape[0]
+    x = noise * sigmas[0].to(noise.dtype)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0_hat = denoise_fn(x, sigma.expand(B).to(noise.dtype))
+        if sigma_next == 0:
+            x = x0_hat
+            continue
+        d = (x - x0_hat) / sigma
+        x_euler = x + (sigma_next - sigma) * d
+        d_next = (x_euler - denoise_fn(x_euler, sigma_next.expand(B).to(noise.dtype))) \
+            / sigma_next
+        x = x + (sigma_next - sigma) * 0.5 * (d + d_next)
+    return x
+
+
+SAMPLERS = {"euler": euler_sample, "heun": heun_sample}

@@ -24,9 +24,14 @@ on channels):
     UNet input  = [c_in * x_sigma (L*C ch) | history latents (H*C ch)]    (B, (L+H)*C, Hs, Ws)
     timestep    = noise_cond_scale * c_noise(sigma)                        (B,)
     cross-attn  = ActionEncoder(history poses ++ future targets)           (B, H+L, d)
-    F           = UNet output + LinearSkip(c_in * x_sigma, h_last, c_noise)  (B, L*C, Hs, Ws)
+    features    = UNet output                                              (B, D, Hs, Ws)
+    F           = FrameHead(features, c_in * x_sigma, h_last, frame tokens, c_noise)
+                  + LinearSkip(c_in * x_sigma, h_last, c_noise)             (B, L, C, Hs, Ws)
 
-and x0_hat = c_skip * x_sigma + c_out * F (``edm.precondition``), exactly as METHOD.md §1.
+and x0_hat = h_last + c_skip * (x_sigma - h_last) + c_out * F (``edm.precondition`` around the
+``x0_anchor``; ``x0_anchor: none`` is METHOD.md §1 exactly). ``FrameHead`` (``frame_head: 0``
+turns it off: the UNet then writes all L*C channels) and the training noise levels
+ln sigma ~ N(-1.2, 1.2^2) were chosen by the ablation in models/README.md.
 ``LinearSkip`` (a sigma-conditioned per-channel linear path, part of F) was added after
 measuring: without it the 64-channel first UNet level cannot carry the 240-channel per-pixel
 part of F's target, the denoiser under-removes noise at mid sigma, and 50-step samples came out
@@ -79,16 +84,21 @@ class EmbeddedConfig:
     attention_head_dim: int = 32
     norm_num_groups: int = 32
     # EDM noise levels
-    p_mean: float = edm.P_MEAN          # training: ln sigma ~ N(p_mean, p_std^2)
-    p_std: float = edm.P_STD
+    p_mean: float = -1.2                # training: ln sigma ~ N(p_mean, p_std^2); EDM's pixel-
+    p_std: float = 1.2                  #   space values (Ctrl-World's: edm.P_MEAN, edm.P_STD)
+    sigma_data: float = 1.0             # EDM's data std in the preconditioning (1 = Ctrl-World)
     sigma_min: float = 0.002            # sampler (Karras schedule, Euler, + final 0)
     sigma_max: float = 80.0
     rho: float = 7.0
-    num_steps: int = 50                 # Euler steps per chunk (paper: 50)
+    num_steps: int = 50                 # sampler steps per chunk (paper: 50)
+    sampler: str = "euler"              # euler | heun (EDM's 2nd order: 2N - 1 calls)
     history_noise: float = 0.0          # training-only noise sigma added to history latents
     noise_cond_scale: float = 1.0       # the UNet timestep is noise_cond_scale * c_noise(sigma)
-    x0_anchor: str = "none"             # none | last_frame: origin of the preconditioning
+    x0_anchor: str = "last_frame"       # none | last_frame: origin of the preconditioning
     linear_skip: bool = True            # add LinearSkip to the network F (see its docstring)
+    frame_head: int = 128               # >0: FrameHead of this width maps the UNet's features to
+                                        #   each future frame's output (0 = the UNet outputs L*C)
+    unet_out_channels: int = 64         # feature channels the UNet hands the FrameHead
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "EmbeddedConfig":
@@ -126,8 +136,16 @@ class EmbeddedConfig:
         if self.x0_anchor not in X0_ANCHORS:
             raise ValueError(f"world_model.x0_anchor must be one of {X0_ANCHORS}, got "
                              f"{self.x0_anchor!r}")
+        if self.sampler not in edm.SAMPLERS:
+            raise ValueError(f"world_model.sampler must be one of {sorted(edm.SAMPLERS)}, got "
+                             f"{self.sampler!r}")
         if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
             raise ValueError("world_model.conv_in_kernel / conv_out_kernel must be odd")
+        if self.frame_head < 0 or self.unet_out_channels < 1:
+            raise ValueError("need world_model.frame_head >= 0 and world_model.unet_out_channels "
+                             ">= 1")
+        if self.sigma_data <= 0:
+            raise ValueError(f"world_model.sigma_data must be > 0, got {self.sigma_data}")
         if self.pixel_std <= 0 or self.history_noise < 0:
             raise ValueError("need world_model.pixel_std > 0 and world_model.history_noise >= 0")
 
@@ -184,13 +202,51 @@ class LinearSkip(nn.Module):
         return a * x_in + b * h_last
 
 
+class FrameHead(nn.Module):
+    """Per-frame output head: the UNet's shared features -> each future frame's part of F.
+
+    With the UNet writing all L*C = 240 output channels of a position from its 64-channel last
+    level, five frames of per-pixel detail must squeeze through 64 numbers, and one-step
+    denoising at low sigma is worse than returning the input (measured on the shipped model).
+    Here the UNet hands over D feature channels (the motion, shared by the L frames) and a
+    small 1x1-conv network, shared over frames, writes each frame l from
+    [features | c_in x_sigma of frame l | newest history latent] plus a per-frame bias from that
+    frame's action token and the noise level: every frame gets its own C channels at full
+    latent resolution, at ~0.1 GFLOP per call.
+
+        feats (B, D, Hs, Ws), x_in (B, L, C, Hs, Ws), h_last (B, 1, C, Hs, Ws),
+        tokens (B, L, d), noise_cond (B,) -> (B, L, C, Hs, Ws)"""
+
+    def __init__(self, features: int, channels: int, future: int, token_dim: int, hidden: int):
+        super().__init__()
+        self.future = future
+        self.inp = nn.Conv2d(features + 2 * channels, hidden, 1)
+        self.cond = nn.Linear(token_dim + 1, 2 * hidden)      # per-frame scale and shift
+        self.mid = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.out = nn.Conv2d(hidden, channels, 1)
+        self.norm = nn.GroupNorm(min(32, hidden), hidden)
+
+    def forward(self, feats: torch.Tensor, x_in: torch.Tensor, h_last: torch.Tensor,
+                tokens: torch.Tensor, noise_cond: torch.Tensor) -> torch.Tensor:
+        B, L, C, Hs, Ws = x_in.shape
+        f = feats.unsqueeze(1).expand(B, L, *feats.shape[1:])
+        h = h_last.expand(B, L, C, Hs, Ws)
+        z = self.inp(torch.cat([f, x_in, h], 2).reshape(B * L, -1, Hs, Ws))   # (B*L, hid, ..)
+        cond = torch.cat([tokens, noise_cond.reshape(B, 1, 1).expand(B, L, 1)], 2)
+        scale, shift = self.cond(cond).reshape(B * L, 2, -1, 1, 1).unbind(1)
+        z = nnf.silu(self.norm(z) * (1 + scale) + shift)
+        z = nnf.silu(self.mid(z))
+        return self.out(z).reshape(B, L, C, Hs, Ws)
+
+
 def build_unet(cfg: EmbeddedConfig):
     from diffusers import UNet2DConditionModel
     C = cfg.channels
     down = list(cfg.down_block_types)
     return UNet2DConditionModel(
         sample_size=None, in_channels=(cfg.future + cfg.history) * C,
-        out_channels=cfg.future * C, down_block_types=down,
+        out_channels=cfg.unet_out_channels if cfg.frame_head else cfg.future * C,
+        down_block_types=down,
         up_block_types=[_UP_BLOCK[b] for b in reversed(down)],
         block_out_channels=list(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
         cross_attention_dim=cfg.action_hidden, attention_head_dim=cfg.attention_head_dim,
@@ -210,6 +266,8 @@ class EmbeddedWorldModel(WorldModel):
         self.action_encoder = ActionEncoder(cfg.action_dim, cfg.action_hidden,
                                             cfg.history + cfg.future)
         self.skip = LinearSkip(cfg.future, cfg.channels) if cfg.linear_skip else None
+        self.head = (FrameHead(cfg.unet_out_channels, cfg.channels, cfg.future,
+                               cfg.action_hidden, cfg.frame_head) if cfg.frame_head else None)
 
     # -- contract helpers used by rollouts and trainers --------------------------------------
     def config_dict(self) -> dict:
@@ -259,6 +317,8 @@ class EmbeddedWorldModel(WorldModel):
         # about [-1.6, 1.1], so it is stretched first (as EDM's VP nets receive 999 t)
         timestep = noise_cond * self.cfg.noise_cond_scale                  # (B,)
         out = self.unet(unet_in, timestep, encoder_hidden_states=tokens).sample
+        if self.head is not None:
+            out = self.head(out, x_in, buffer.latents[:, -1:], tokens[:, -L:], noise_cond)
         out = out.reshape(B, L, C, Hs, Ws)
         if self.skip is not None:
             out = out + self.skip(x_in, buffer.latents[:, -1:], noise_cond)
@@ -274,7 +334,7 @@ class EmbeddedWorldModel(WorldModel):
         anchor = self.anchor(buffer)                                     # (B, 1, C, Hs, Ws) or 0
         return anchor + edm.precondition(
             lambda x_in, noise_cond: self.network(x_in, noise_cond, buffer, future_actions),
-            x_sigma - anchor, sigma)
+            x_sigma - anchor, sigma, self.cfg.sigma_data)
 
     def anchor(self, buffer: HistoryBuffer) -> torch.Tensor | float:
         """The origin of the preconditioning. ``x0_anchor: none`` -> 0 (Ctrl-World / SVD exactly);
@@ -289,12 +349,13 @@ class EmbeddedWorldModel(WorldModel):
     def sample_chunk(self, buffer: HistoryBuffer, future_actions: torch.Tensor,
                      generator: torch.Generator | None = None, num_steps: int | None = None,
                      noise: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, C, Hs, Ws) with the Euler sampler: one batched network call per step."""
+        """(B, L, C, Hs, Ws) with the configured sampler (Euler: one batched network call per
+        step; Heun: two but the last)."""
         B = future_actions.shape[0]
         if noise is None:
             noise = torch.randn((B, self.future, *self.latent_shape()), generator=generator)
         device = buffer.latents.device
         noise = noise.to(device=device, dtype=buffer.latents.dtype)
         sigmas = self.sampler_sigmas(num_steps).to(device)
-        return edm.euler_sample(lambda x, s: self.denoise(x, s, buffer, future_actions),
-                                noise, sigmas)
+        return edm.SAMPLERS[self.cfg.sampler](
+            lambda x, s: self.denoise(x, s, buffer, future_actions), noise, sigmas)

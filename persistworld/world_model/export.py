@@ -19,7 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="the file to write (e.g. models/mini_droid_base.pt)")
     ap.add_argument("--float32", action="store_true", help="keep float32 weights")
     ap.add_argument("--command", default="", help="the command that regenerates the model")
+    ap.add_argument("--sampler", action="append", default=[], metavar="KEY=VALUE",
+                    help="a sampler setting chosen after training (sigma_min, sigma_max, "
+                         "num_steps, sampler, rho); repeatable")
     a = ap.parse_args(argv)
+    sampler = {}
+    for item in a.sampler:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--sampler {item!r}: expected KEY=VALUE")
+        sampler[key] = yaml.safe_load(value)
     run = Path(a.run_dir)
     config = run / "config.yaml"
     if not config.exists():
@@ -29,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     data.pop("root", None)
     data.pop("workers", None)
     out = export_world_model(run, a.out, half=not a.float32,
-                             extra={"data": data, "command": a.command})
+                             extra={"data": data, "command": a.command}, sampler=sampler)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
