@@ -1,5 +1,6 @@
 """The bars a base world model must pass before post-training it measures anything (issue
-"A base world model worth post-training"), on the held-out split, against the trivial
+"A base world model worth post-training"), on the test split (``--split val`` while choosing a
+recipe), against the trivial
 baselines evaluated on the same rollouts:
 
   1. teacher-forced, one chunk (first ``--tf-samples`` held-out starts): PSNR >= 3 dB and SSIM
@@ -32,11 +33,13 @@ METRICS = ("ssim", "psnr", "lpips")
 def _evaluate(model: str, data: str, out: Path, **settings) -> dict:
     from omegaconf import OmegaConf
 
+    from persistworld.evaluation.evaluate import is_current
     from persistworld.evaluation.run import evaluate_model, settings_from
     out = out / "eval" / f"{settings['mode']}_{settings['num_chunks']}"
-    if not (out / "summary.json").exists():
+    s = settings_from({"num_videos": 2, **settings})
+    if not is_current(out, s, data):          # other settings or data: evaluated again
         data_cfg = OmegaConf.create({"root": data, "future": 5, "stride": 1})
-        evaluate_model(model, data_cfg, settings_from({"num_videos": 2, **settings}), out)
+        evaluate_model(model, data_cfg, s, out)
     return json.loads((out / "summary.json").read_text()) | {"dir": str(out)}
 
 
@@ -46,8 +49,9 @@ def _chunk_psnr(eval_dir: str, chunks: range, sub: str = "") -> dict[str, float]
     return {g: float(f[f["group"] == g].groupby("sample")["psnr"].mean().mean()) for g in GROUPS}
 
 
-def bars(model: str, data: str, out: Path, steps: int, tf_samples: int, chunks: int) -> dict:
-    common = dict(num_steps=steps, seed=0, batch_size=10)
+def bars(model: str, data: str, out: Path, steps: int, tf_samples: int, chunks: int,
+         split: str = "test") -> dict:
+    common = dict(num_steps=steps, seed=0, batch_size=10, split=split)
     tf1 = _evaluate(model, data, out, mode="teacher_forced", num_chunks=1,
                     max_samples=tf_samples, **common)
     ar = _evaluate(model, data, out, mode="autoregressive", num_chunks=chunks, **common)
@@ -84,14 +88,15 @@ def bars(model: str, data: str, out: Path, steps: int, tf_samples: int, chunks: 
         checks[f"{g}: first AR chunk within 0.5 dB of TF"] = abs(first_ar[g] - first_tf[g]) <= 0.5
         checks[f"{g}: drift (TF - AR, chunks 10-{chunks - 1}) >= 1.5 dB"] = \
             late_tf[g] - late_ar[g] >= 1.5
-    return {"model": model, "sampler_steps": steps, "tf_samples": tf_samples,
+    return {"model": model, "split": split, "sampler_steps": steps, "tf_samples": tf_samples,
             "table": rows, "derived": derived, "checks": checks,
             "passed": int(sum(checks.values())), "total": len(checks)}
 
 
 def to_markdown(res: dict) -> str:
     cols = [f"{g} {m}" for g in GROUPS for m in METRICS]
-    lines = [f"# Base-model bars: `{res['model']}` ({res['sampler_steps']} sampler steps)", "",
+    lines = [f"# Base-model bars: `{res['model']}` ({res['sampler_steps']} sampler steps, "
+             f"{res.get('split', 'val')} split)", "",
              "| setting | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += ["| " + r["setting"] + " | " + " | ".join(f"{r[c]:.4g}" for c in cols) + " |"
               for r in res["table"]]
@@ -111,11 +116,13 @@ def main() -> None:
     ap.add_argument("--tf-samples", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=14)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split", default="test", help="test (report; default) or val (while "
+                    "choosing a recipe)")
     ap.add_argument("--out", default=None, help="default: runs/bench_base/<model file stem>")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out or f"runs/bench_base/{Path(a.model).stem}")
-    res = bars(a.model, a.data, out, a.steps, a.tf_samples, a.chunks)
+    res = bars(a.model, a.data, out, a.steps, a.tf_samples, a.chunks, a.split)
     from persistworld.utils.io import atomic_write_json, atomic_write_text
     atomic_write_json(out / "bars.json", res)
     md = to_markdown(res)

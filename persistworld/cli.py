@@ -6,8 +6,10 @@
     persistworld pipeline                      # the README's main job on the embedded default
 
 Every Hydra-backed subcommand accepts the usual Hydra flags (`--cfg job`, `--help`,
-`--multirun`, `hydra/launcher=...`). Errors a user can fix (bad settings, missing or corrupt
-files) print one line naming the setting or file and exit with status 2, with no traceback.
+`--multirun`, `hydra/launcher=...`). Errors a user can fix (bad settings, a mistyped key,
+missing or corrupt files: ``persistworld.errors.UserError`` and Hydra's composition errors)
+print one line naming the setting or file and exit with status 2, with no traceback, before
+any work starts; every other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -71,10 +73,28 @@ def _resolve(target: str) -> Callable:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from persistworld.data.dataset import DatasetError
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-    return (ValueError, FileNotFoundError, DatasetError, OmegaConfBaseException, HydraException)
+
+    from persistworld.errors import UserError
+    return (UserError, OmegaConfBaseException, HydraException)
+
+
+def one_line(e: BaseException) -> str:
+    """A user error as one line (Hydra's composition errors span several lines and keep the
+    useful part in their cause: 'Could not override x' + 'Key y not in Z')."""
+    from hydra.errors import MissingConfigException
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if isinstance(e, MissingConfigException):
+        opts = [ln for ln in lines[2:] if not ln.startswith(("Config search path", "provider="))]
+        return lines[0] + (f" (available: {', '.join(opts)})" if opts else "")
+    head = lines[0] if lines else type(e).__name__
+    cause = e.__cause__
+    if cause is not None and str(cause).strip():
+        head = f"{head.rstrip('.')}: {str(cause).strip().splitlines()[0]}"
+    rest = [ln for ln in lines[1:] if not ln.startswith(("full_key", "reference_type",
+                                                         "object_type"))]
+    return head + (f" ({'; '.join(rest)})" if rest else "")
 
 
 def _guarded(fn: Callable) -> Callable:
@@ -82,11 +102,35 @@ def _guarded(fn: Callable) -> Callable:
         try:
             return fn(cfg)
         except _user_errors() as e:
-            print(f"persistworld: error: {e}", file=sys.stderr)
+            print(f"persistworld: error: {one_line(e)}", file=sys.stderr)
             sys.exit(2)
     task.__name__ = fn.__name__
     task.__module__ = fn.__module__
     return task
+
+
+# command -> "module:function" checking its composed config (raises UserError) before Hydra
+# starts the job (and creates its run directory)
+CHECKS = {"post-train": "persistworld.trainers.post_train:validate",
+          "train-base": "persistworld.trainers.base:validate"}
+
+
+def _precompose(cmd: str, config_name: str, rest: list[str]) -> None:
+    """Compose the command's config with its overrides before Hydra does, so a mistyped key,
+    a wrong type, an unknown preset or an impossible setting is one line and exit 2, with
+    nothing created (Hydra's own report is several lines and exit 1). Skipped for Hydra's own
+    flags (--help, --cfg, --multirun, ...)."""
+    if any(a.startswith("-") for a in rest):
+        return
+    from hydra import compose, initialize_config_module
+    try:
+        with initialize_config_module("persistworld.conf", version_base="1.3"):
+            cfg = compose(config_name, overrides=rest)
+        if cmd in CHECKS:
+            _resolve(CHECKS[cmd])(cfg)
+    except _user_errors() as e:
+        print(f"persistworld {cmd}: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _usage() -> str:
@@ -128,8 +172,8 @@ def _multirun_preflight(rest: list[str]) -> None:
     overrides = [a for a in rest if not a.startswith("-") and a not in values]
     try:
         jobs = preflight(sweep, expand(sweep, overrides))
-    except Exception as e:
-        print(f"persistworld post-train: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    except _user_errors() as e:
+        print(f"persistworld post-train: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     bad = [j for j in jobs if j.errors]
     if bad:
@@ -150,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             code = _resolve(PLAIN_COMMANDS[cmd][0])(rest)
         except _user_errors() as e:
-            print(f"persistworld {cmd}: error: {e}", file=sys.stderr)
+            print(f"persistworld {cmd}: error: {one_line(e)}", file=sys.stderr)
             sys.exit(2)
         sys.exit(code or 0)
     if cmd not in COMMANDS:
@@ -159,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     config_name, target, _ = COMMANDS[cmd]
     if cmd == "post-train":
         _multirun_preflight(rest)
+    _precompose(cmd, config_name, rest)
     import hydra
     fn = _guarded(_resolve(target))
     sys.argv = [f"persistworld {cmd}", *rest]

@@ -186,10 +186,15 @@ def comparison_text(summaries: dict[str, dict], paired_csv: Path | None) -> str:
     if paired_csv is not None and paired_csv.exists():
         import pandas as pd
         df = pd.read_csv(paired_csv)
+        if "model" in df:                  # PersistWorld vs base (not the standing rows)
+            df = df[df["model"] == "persistworld"]
         for _, r in df.iterrows():
-            lines.append(f"  paired {r['group']:8s} {r['metric']:5s}: win rate "
-                         f"{100 * r['win_rate']:.0f}% of {int(r['n'])}, sign p={r['sign_p']:.2g}, "
-                         f"Wilcoxon p={r['wilcoxon_p']:.2g}")
+            line = (f"  paired {r['group']:8s} {r['metric']:5s}: win rate "
+                    f"{100 * r['win_rate']:.0f}% of {int(r['n'])}, sign p={r['sign_p']:.2g}, "
+                    f"Wilcoxon p={r['wilcoxon_p']:.2g}")
+            if "holm_p" in r and not pd.isna(r["holm_p"]):
+                line += f", one-sided p={r['combined_p']:.2g} (Holm {r['holm_p']:.2g})"
+            lines.append(line)
     return "\n".join(lines)
 
 

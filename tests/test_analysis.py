@@ -220,6 +220,26 @@ def test_ablation_table_from_runs(runs):
     assert masked.marks()[0, 0] == "best" and masked.marks()[2, 0] == "best"
 
 
+def test_table_note_and_sample_size_line():
+    assert tables.sample_size_note([3, 3], [20, 20], ["test", "test"]) == \
+        "n = 3 seeds × 20 episodes (test split)"
+    assert tables.sample_size_note([2, 3], [18, 20], ["val", None], extra="x") == \
+        "n = 2–3 seeds × 18–20 episodes (val split, not recorded for some runs); x"
+    assert tables.sample_size_note([1], [1], [], unit="samples") == \
+        "n = 1 seed × 1 sample (split not recorded)"
+    assert "differ between runs" in tables.split_text(["val", "test"])
+    tab = tables.table_from_values(["a", "b"], [[0.8, 20, 0.2, 0.7, 19, 0.3],
+                                                [0.7, 19, 0.3, 0.6, 18, 0.4]],
+                                   note="n = 3 seeds × 20 episodes (val split)")
+    md, tex, html = tab.to_markdown(), tab.to_latex(), tab.to_html()
+    assert md.rstrip().endswith("n = 3 seeds × 20 episodes (val split)")
+    assert r"{\footnotesize n = 3 seeds $\times$ 20 episodes (val split)}" in tex
+    assert tex.index("footnotesize") > tex.index(r"\end{tabular}")
+    assert html.rstrip().endswith('<p class="note">n = 3 seeds × 20 episodes (val split)</p>')
+    assert "n = 3" not in tables.table_from_values(["a"], [[0.8, 20, 0.2, 0.7, 19, 0.3]]) \
+        .to_markdown()
+
+
 PAPER6 = (["Group size 4", "Group size 8", "K=16, no best-of-N", "K=16, best of 5 (ours)",
            "K=16, best of 2"],
           [[0.875, 25.62, 0.1142, 0.724, 20.56, 0.3379],
@@ -481,6 +501,23 @@ def test_report_end_to_end(sweep, tmp_path, capsys):
     assert set(masked["mask"]) == {"object", "robot"} and masked["mean"].notna().all()
     paired = pd.read_csv(out / "tables/val14_paired.csv")
     assert set(paired["model"]) == {0.0003} and (paired["win_rate"] == 0).all()
+    # with the seeds kept: seeds 0 and 1 of lr 3e-4 against seeds 0 and 1 of lr 1e-4, worse on
+    # every metric, so the one-sided "better" p is ~1 and stays so after Holm
+    assert (paired["n_seeds"] == 2).all() and (paired["episodes_per_seed"] == 8).all()
+    assert (paired["combined_p"] > 0.99).all() and (paired["holm_p"] >= paired["combined_p"]).all()
+    assert (paired["hier_ci_low"] <= paired["mean_delta_seeds"]).all()
+    lp = paired[paired["metric"] == "lpips"]
+    assert (lp["hier_ci_low"] > 0).all()                  # LPIPS higher = worse, CI above 0
+    seeds = pd.read_csv(out / "tables/val14_paired_seeds.csv")
+    assert len(seeds) == 12 and set(seeds["seed"]) == {0, 1}
+    assert (seeds["baseline_run"].str.startswith("train.lr=0.0001,seed=")).all()
+    # the sample sizes under every table (split: the fixture's runs record none)
+    n_line = "n = 2 seeds × 8 episodes (split not recorded)"
+    assert md.count(n_line) == 2                          # ablation and masked tables
+    assert n_line in (out / "tables/val14_table.md").read_text()
+    assert n_line in (out / "tables/val14_masked.md").read_text()
+    assert "n = 2 seeds × 8 episodes per comparison (split not recorded)." in md
+    assert "| model | group | metric | seed 0 | seed 1 |" in md   # the per-seed table
     assert len(pd.read_parquet(out / "runs.parquet")) == 7
     # default output folder and baseline choice; unknown baseline is refused
     with pytest.raises(ValueError, match="--baseline '0.5' is not a condition"):
@@ -491,6 +528,28 @@ def test_report_end_to_end(sweep, tmp_path, capsys):
         cli.main(["report", str(sweep), "--out", str(tmp_path / "r3"), "--factor", "cfg.nope"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "--factor cfg.nope" in err
+
+
+def test_eval_split_from_summary_then_config(tmp_path):
+    """The split of an evaluation: its summary.json's settings block first, else the run's
+    config (the split its own final evaluation used), else unknown."""
+    base_cfg = {"train": {"lr": 1e-4, "steps": 20}, "model": {"name": "tiny"}}
+    a = write_run(tmp_path / "a", {**base_cfg, "seed": 0, "eval": {"split": "val"}},
+                  quality=0.8)
+    b = write_run(tmp_path / "b", {**base_cfg, "seed": 1, "eval": {"split": "val"}},
+                  quality=0.8)
+    summary = json.loads((b / "eval/val14/summary.json").read_text())
+    (b / "eval/val14/summary.json").write_text(json.dumps({**summary,
+                                                           "settings": {"split": "test"}}))
+    write_run(tmp_path / "c", {**base_cfg, "seed": 2}, quality=0.8)
+    runs = collect.collect_runs(tmp_path)
+    splits = report.eval_splits(runs, "val14").set_index("run")
+    assert splits.loc["a", "split"] == "val" and "config" in splits.loc["a", "source"]
+    assert (splits.loc["b", "split"], splits.loc["b", "source"]) == ("test", "summary.json")
+    assert pd.isna(splits.loc["c", "split"])
+    runs["val14/split"] = ["train", None, None]            # a collected column comes first
+    assert report.eval_splits(runs, "val14").set_index("run").loc["a", "split"] == "train"
+    assert a.exists()
 
 
 def test_report_cli_help_and_errors(capsys):

@@ -105,6 +105,91 @@ def test_checksum_verification_catches_silent_corruption(tiny_dataset, tmp_path)
         EpisodeStore(root, verify_checksums=True).load(manifest["episodes"][0]["id"])
 
 
+def _resave(path, **changes):
+    """Re-save an episode file with some arrays changed (as a user's converter might)."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    return arrays
+
+
+def test_a_resaved_episode_with_other_content_is_caught_by_default(tiny_dataset, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, root)
+    store = EpisodeStore(root)
+    eid = store.episode_ids("train")[0]
+    path = root / store.entry(eid)["file"]
+    arrays = _resave(path)
+    arrays["rgb"] = arrays["rgb"].copy()
+    arrays["rgb"][0, 0, 0, 0, 0] ^= 1                 # one pixel, a valid file all the same
+    _resave(path, rgb=arrays["rgb"])
+    with pytest.raises(DatasetError, match=f"{path.name}.*checksum"):
+        EpisodeStore(root).load(eid)                  # verification is on by default
+
+
+def test_checksums_are_verified_once_per_file_per_process(tiny_dataset, tmp_path, monkeypatch):
+    import persistworld.utils.io as io
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, root)
+    calls = []
+    real = io.sha256_file
+    monkeypatch.setattr(io, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    store = EpisodeStore(root)
+    eid = store.episode_ids("train")[0]
+    for _ in range(3):
+        EpisodeStore(root).load(eid)
+    assert len(calls) == 1
+    path = root / store.entry(eid)["file"]
+    path.write_bytes(path.read_bytes())               # same bytes, new mtime: checked again
+    EpisodeStore(root).load(eid)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("key", ["action", "eef_pose"])
+def test_nan_or_inf_poses_are_rejected_naming_the_file(tiny_dataset, tmp_path, key):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, root)
+    store = EpisodeStore(root, verify_checksums=False)
+    eid = store.episode_ids("val")[0]
+    path = root / store.entry(eid)["file"]
+    with np.load(path) as z:
+        bad = z[key].copy()
+    bad[3, 2] = np.nan if key == "action" else np.inf
+    _resave(path, **{key: bad})
+    with pytest.raises(DatasetError, match=f"{path.name}: {key} holds NaN/inf.*step 3"):
+        store.load(eid)
+
+
+def test_an_episode_at_another_resolution_is_rejected_naming_the_file(tiny_dataset, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, root)
+    store = EpisodeStore(root, verify_checksums=False)
+    eid = store.episode_ids("train")[-1]
+    path = root / store.entry(eid)["file"]
+    with np.load(path) as z:
+        rgb, mask = z["rgb"][:, :, ::2, ::2].copy(), z["mask"][:, :, ::2, ::2].copy()
+    _resave(path, rgb=rgb, mask=mask)
+    with pytest.raises(DatasetError, match=f"{path.name} holds 32x32 images but the dataset "
+                                           f"is 64x64"):
+        store.load(eid)
+    # and a clip reader over it fails with that line, not a collate traceback
+    with pytest.raises(DatasetError, match=path.name):
+        ds = ClipDataset(root, "train")
+        for i in range(len(ds)):
+            ds[i]
+
+
+def test_three_splits_and_test_episodes_are_appended(tiny_dataset):
+    store = EpisodeStore(tiny_dataset)
+    train, val, test = (store.episode_ids(s) for s in ("train", "val", "test"))
+    assert len(train) == 3 and len(val) == 1 and test == [4]   # 4 train/val ids, then 1 test
+    assert not set(train) & set(val) and not (set(train) | set(val)) & set(test)
+    with pytest.raises(ValueError, match="split must be one of train, val, test"):
+        store.episode_ids("holdout")
+
+
 def test_preview_png(tiny_dataset, tmp_path):
     from PIL import Image
 

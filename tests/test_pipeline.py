@@ -29,7 +29,8 @@ def _quoted(items: list[str]) -> str:
 def test_pipeline_end_to_end(tiny_dataset, tmp_path):
     results = tmp_path / "results"
     cmd = [sys.executable, "-m", "persistworld.cli", "pipeline", f"data.root={tiny_dataset}",
-           "data.num_episodes=4", "data.val_fraction=0.25", "data.min_steps=24",
+           "data.num_episodes=4", "data.val_fraction=0.25", "data.test_episodes=1",
+           "data.min_steps=24",
            "data.max_steps=28", "data.workers=1", f"results_dir={results}",
            "base.checkpoint=null", f"base.run_dir={tmp_path / 'base'}",
            f"base.overrides={_quoted(BASE)}", f"post.run_dir={tmp_path / 'post'}",

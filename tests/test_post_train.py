@@ -4,6 +4,7 @@ ending with the same weights as an uninterrupted run (CPU, same seed)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,6 +76,13 @@ def uninterrupted(tiny_dataset, base_model, tmp_path_factory) -> Path:
     ("policy_ema.decay=1.0", "policy_ema.decay"),
     ("old_policy.schedule=cosine", "old_policy"),
     ("trainer.precision=fp8", "trainer.precision"),
+    ("rollout.sampler_steps=0", "rollout.sampler_steps"),      # was: silently 50 steps
+    ("eval.num_chunks=0", "eval.num_chunks"),                  # was: trained, then failed
+    ("trainer.ckpt_every=0", "trainer.ckpt_every"),            # was: crash after step 1
+    ("trainer.micro_batch=0", "trainer.micro_batch"),
+    ("eval.split=holdout", "eval.split"),
+    ("eval.num_steps=0", "eval.num_steps"),
+    ("rollout.start_pool_chunks=2", "rollout.start_pool_chunks"),   # < max prefix 2 + F 1
 ])
 def test_impossible_settings_name_the_setting(tiny_dataset, base_model, tmp_path, override,
                                               setting):
@@ -188,6 +196,114 @@ def test_resume_with_different_settings_is_refused(uninterrupted, tiny_dataset, 
         post_train(_compose("post_train", overrides), overrides=overrides)
 
 
+# ---- run identity: a relaunch never continues or reports another run ----------------------
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _post(overrides):
+    from persistworld.trainers.post_train import post_train
+    return post_train(_compose("post_train", overrides), overrides=overrides)
+
+
+def test_fingerprint_is_recorded_with_the_code_version(uninterrupted):
+    ident = json.loads((uninterrupted / "fingerprint.json").read_text())
+    assert set(ident["parts"]) == {"config", "base_model", "data"} and ident["steps"] == 6
+    assert "trainer" in ident["settings"] and "steps" not in ident["settings"]["trainer"]
+    assert "run_dir" not in ident["settings"] and "eval" not in ident["settings"]
+    status = json.loads((uninterrupted / "status.json").read_text())
+    assert status["fingerprint"] == ident["fingerprint"][:16] and status["code"] == ident["code"]
+
+
+def test_more_steps_extend_a_completed_run_exactly(uninterrupted, tiny_dataset, base_model,
+                                                   tmp_path):
+    extended = _copy_run(uninterrupted, tmp_path / "extended")
+    old_eval = json.loads((extended / "eval" / "autoregressive_2" / "summary.json").read_text())
+    _post(_post_overrides(tiny_dataset, base_model, extended, ["trainer.steps=8"]))
+    fresh = tmp_path / "fresh"
+    _post(_post_overrides(tiny_dataset, base_model, fresh, ["trainer.steps=8"]))
+    status = json.loads((extended / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == 8
+    a, b = _weights(extended), _weights(fresh)
+    assert all(torch.equal(a[k], b[k]) for k in a)            # = an 8-step run from scratch
+    assert [r["step"] for r in _rows(extended, "train")] == list(range(1, 9))
+    new_eval = json.loads((extended / "eval" / "autoregressive_2" / "summary.json").read_text())
+    assert new_eval["metrics"] != old_eval["metrics"]          # the 6-step numbers are gone
+    assert new_eval["metrics"] == json.loads(
+        (fresh / "eval" / "autoregressive_2" / "summary.json").read_text())["metrics"]
+
+
+def test_fewer_steps_than_trained_are_refused(uninterrupted, tiny_dataset, base_model, tmp_path):
+    from persistworld.trainers.post_train import StaleRun
+    run = _copy_run(uninterrupted, tmp_path / "run")
+    with pytest.raises(StaleRun, match="trained 6 steps but trainer.steps=4"):
+        _post(_post_overrides(tiny_dataset, base_model, run, ["trainer.steps=4"]))
+
+
+def test_another_base_model_file_is_refused_the_same_one_elsewhere_is_not(
+        uninterrupted, tiny_dataset, base_model, tmp_path, capsys):
+    import shutil
+
+    from persistworld.trainers.post_train import StaleRun
+    run = _copy_run(uninterrupted, tmp_path / "run")
+    moved = tmp_path / "elsewhere.pt"
+    shutil.copy(base_model / "model.pt", moved)                 # same bytes, another path
+    _post(_post_overrides(tiny_dataset, moved, run))
+    assert "already completed" in capsys.readouterr().out
+    blob = torch.load(moved, weights_only=False)
+    k = next(iter(blob["state_dict"]))
+    blob["state_dict"][k] = blob["state_dict"][k] + 1e-3        # another base model
+    torch.save(blob, moved)
+    with pytest.raises(StaleRun, match=r"base model file \(content\)"):
+        _post(_post_overrides(tiny_dataset, moved, run))
+
+
+def test_another_dataset_is_refused_the_same_one_elsewhere_is_not(
+        uninterrupted, tiny_dataset, base_model, tmp_path, capsys):
+    import shutil
+
+    from persistworld.trainers.post_train import StaleRun
+    run = _copy_run(uninterrupted, tmp_path / "run")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    _post(_post_overrides(data, base_model, run))
+    assert "already completed" in capsys.readouterr().out
+    manifest = json.loads((data / "manifest.json").read_text())
+    train = next(e for e in manifest["episodes"] if e["split"] == "train")
+    train["sha256"] = "0" * 64                                  # a re-rendered episode
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StaleRun, match="dataset"):
+        _post(_post_overrides(data, base_model, run))
+
+
+def test_changed_eval_settings_re_evaluate_only(uninterrupted, tiny_dataset, base_model,
+                                                tmp_path):
+    run = _copy_run(uninterrupted, tmp_path / "run")
+    model_mtime = (run / "model.pt").stat().st_mtime_ns
+    _post(_post_overrides(tiny_dataset, base_model, run, ["eval.max_samples=1"]))
+    summary = json.loads((run / "eval" / "autoregressive_2" / "summary.json").read_text())
+    assert summary["settings"]["max_samples"] == 1 and summary["num_samples"] == 1
+    assert summary["split"] == "test" and summary["data"]["split"] == "test"
+    assert (run / "model.pt").stat().st_mtime_ns == model_mtime   # not retrained, not rewritten
+    assert json.loads((run / "status.json").read_text())["step"] == 6
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+
+
+def test_a_code_change_alone_is_recorded_not_refused(uninterrupted, tiny_dataset, base_model,
+                                                     tmp_path):
+    run = _copy_run(uninterrupted, tmp_path / "run")
+    ident = json.loads((run / "fingerprint.json").read_text())
+    ident["code"] = "0123456789ab"                               # the run began on other code
+    (run / "fingerprint.json").write_text(json.dumps(ident))
+    _post(_post_overrides(tiny_dataset, base_model, run, ["trainer.steps=7"]))
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == 7
+    assert status["code_history"][0] == "0123456789ab"
+    assert "code changed since the run started" in (run / "log.txt").read_text()
+
+
 # ---- branching ----------------------------------------------------------------------------
 def test_branching_is_batched_and_each_candidate_reproducible(base_model, tiny_dataset):
     """S2 makes one network call per denoising step for all B*K candidates, and each candidate
@@ -229,3 +345,37 @@ def test_bf16_autocast_runs_and_keeps_float32_state(tiny_dataset, base_model, tm
     assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
     rows = _rows(run_dir, "train")
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+# ---- the CLI: user errors are one line and exit 2, bugs keep their traceback ---------------
+@pytest.mark.parametrize("args,needle", [
+    (["trainer.stepz=3"], "Key 'stepz' not in 'TrainerConf'"),       # was: 7 lines, exit 1
+    (["experiment=nope"], "available: bench, mini, paper"),
+    (["rollout.sampler_steps=0"], "rollout.sampler_steps must be >= 1"),
+    (["trainer.ckpt_every=0"], "trainer.ckpt_every must be >= 1"),
+])
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, args, needle):
+    out = subprocess.run([sys.executable, "-m", "persistworld.cli", "post-train",
+                          f"run_dir={tmp_path / 'run'}", *args], capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "pybullet" not in ln]
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_internal_errors_keep_their_traceback():
+    from persistworld.cli import _guarded
+    from persistworld.errors import UserError
+
+    def bug(cfg):
+        raise ValueError("an internal bug, not the user's setting")
+
+    def user(cfg):
+        raise UserError("trainer.steps must be >= 1")
+
+    with pytest.raises(ValueError, match="internal bug"):
+        _guarded(bug)(None)                   # propagates: Hydra prints the traceback
+    with pytest.raises(SystemExit) as e:
+        _guarded(user)(None)
+    assert e.value.code == 2

@@ -224,6 +224,29 @@ def test_split_is_deterministic_and_keeps_one_val():
     assert R.split_of({"seed": 3, "num_episodes": 1, "val_fraction": 0.5}) == ["train"]
 
 
+def test_test_episodes_come_after_train_and_val_and_do_not_change_them():
+    cfg = {"seed": 3, "num_episodes": 50, "val_fraction": 0.1}
+    with_test = R.split_of({**cfg, "test_episodes": 7})
+    assert with_test[:50] == R.split_of(cfg) and with_test[50:] == ["test"] * 7
+
+
+def test_adding_a_test_split_to_a_rendered_dataset_keeps_everything_else(tmp_path):
+    root = tmp_path / "data"
+    R.render_dataset(small_cfg(root, num_episodes=2, min_steps=11, max_steps=11))
+    before = files_bytes(root)
+    stats = (root / "norm_stats.json").read_text()
+    man0 = json.loads((root / "manifest.json").read_text())
+    R.render_dataset(small_cfg(root, num_episodes=2, min_steps=11, max_steps=11,
+                               test_episodes=1))
+    man1 = json.loads((root / "manifest.json").read_text())
+    after = files_bytes(root)
+    assert {k: after[k] for k in before} == before         # no train / val file touched
+    assert (root / "norm_stats.json").read_text() == stats   # statistics over train only
+    assert man1["episodes"][:2] == man0["episodes"]
+    assert man1["episodes"][2]["split"] == "test" and man1["episodes"][2]["id"] == 2
+    assert man1["config"]["test_episodes"] == 1 and "ep_000002.npz" in after
+
+
 def test_wide_images_render(tmp_path):
     cfg = small_cfg(tmp_path, image_height=96, image_width=160, min_steps=3, max_steps=3,
                     history=2, future=1, tasks=["push"])

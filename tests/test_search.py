@@ -107,6 +107,9 @@ def test_space_validation_names_the_setting(tmp_path):
         {"metric": "wrist/ssim", "direction": "maximize"}])
     with pytest.raises(SpaceError, match="single-objective"):
         load_space(multi_pruned)
+    on_test = _space(tmp_path / "f.yaml", base_overrides=[*TINY_BASE, "eval.split=test"])
+    with pytest.raises(SpaceError, match=r"eval\.split=test: set by the search driver .*val"):
+        validate_space(load_space(on_test))
     bad_metric = _space(tmp_path / "e.yaml", objectives=[{"metric": "external/fid"}])
     with pytest.raises(SpaceError, match=r"objectives\[0\]: metric 'external/fid'"):
         load_space(bad_metric)
@@ -148,6 +151,10 @@ def test_local_study_with_pruning(tiny_dataset, base_model, tmp_path):
     assert (study_dir / "best.yaml").read_text().startswith("# @package _global_")
     assert best["trainer"]["steps"] == 4
     best_trial = load_study(study_dir)[0].best_trial
+    trial_cfg = yaml.safe_load((Path(best_trial.user_attrs["run_dir"]) / "config.yaml")
+                               .read_text())
+    assert trial_cfg["eval"]["split"] == "val"          # selection on val, never on test
+    assert "eval" not in best or "split" not in best["eval"]
     assert best.get("optim", {}).get("lr", 1e-4) == pytest.approx(best_trial.params["optim.lr"])
     for png in ("history.png", "importance.png", "intermediate.png"):
         assert (study_dir / "plots" / png).stat().st_size > 1000

@@ -246,23 +246,94 @@ def test_local_sweep_end_to_end_relaunch_and_collect(tmp_path, tiny_dataset, tin
 
 
 def test_failed_run_does_not_stop_the_others(tmp_path, tiny_dataset, tiny_base):
-    # a sweep whose first job fails at run time (its evaluation split does not exist)
+    # a sweep whose first job fails at run time: its 9-chunk evaluation needs longer episodes
+    # than the tiny dataset has, which only the final evaluation finds out
     (tmp_path / "failing.yaml").write_text(
         "defaults:\n  - sweep_base\n  - _self_\n"
         "sweep:\n  table: failing\n"
-        "run_dir: ${sweep.out}/${sweep.table}/${eval.split}/seed=${seed}\n"
+        "run_dir: ${sweep.out}/${sweep.table}/c${eval.num_chunks}/seed=${seed}\n"
         "hydra:\n  searchpath: [pkg://persistworld.conf]\n"
-        "  sweep:\n    subdir: ${sweep.table}/${eval.split}/seed=${seed}\n"
-        "  sweeper:\n    params:\n      eval.split: nosuch,val\n      seed: '0'\n")
+        "  sweep:\n    subdir: ${sweep.table}/c${eval.num_chunks}/seed=${seed}\n"
+        "  sweeper:\n    params:\n      eval.num_chunks: 9,2\n      seed: '0'\n")
     out = tmp_path / "out"
+    post = [o for o in TINY_POST if not o.startswith("eval.num_chunks=")]
     r = run_sweep(str(tmp_path / "failing.yaml"), f"data.root={tiny_dataset}",
-                  f"base_model={tiny_base}", f"sweep.out={out}", *TINY_POST, cwd=tmp_path)
+                  f"base_model={tiny_base}", f"sweep.out={out}", *post, cwd=tmp_path)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
-    bad, good = status(out / "failing" / "nosuch" / "seed=0"), status(out / "failing" / "val" /
-                                                                       "seed=0")
-    assert bad["state"] == "failed" and bad["error"]
+    bad, good = status(out / "failing" / "c9" / "seed=0"), status(out / "failing" / "c2" /
+                                                                   "seed=0")
+    assert bad["state"] == "failed" and "long enough" in bad["error"]
     assert good["state"] == "completed"
     assert "1 of 2 runs completed" in r.stdout
+
+
+def test_relaunch_extends_refuses_stale_runs_and_fresh_starts_them_anew(tmp_path, tiny_dataset,
+                                                                        tiny_base):
+    import json
+
+    from persistworld.analysis.collect import collect_runs
+    out = tmp_path / "out"
+    args = ["lr", "seed=0", f"data.root={tiny_dataset}", f"base_model={tiny_base}",
+            f"sweep.out={out}", *TINY_POST]
+    runs = [out / "lr" / "3e-4" / "seed=0", out / "lr" / "1e-4" / "seed=0"]
+    assert run_sweep(*args, cwd=tmp_path).returncode == 0
+    # more steps of the same runs: sound, so they are extended
+    r = run_sweep(*args, "trainer.steps=5", cwd=tmp_path)
+    assert r.returncode == 0 and "[extend]" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert [status(rd)["step"] for rd in runs] == [5, 5]
+    # another setting: refused before anything is submitted, naming runs and settings
+    mtimes = [(rd / "model.pt").stat().st_mtime_ns for rd in runs]
+    r = run_sweep(*args, "trainer.steps=5", "objective.beta=0.5", cwd=tmp_path)
+    assert r.returncode == 2 and "--fresh" in r.stderr
+    assert r.stdout.count("objective.beta") == 2 and str(runs[0]) in r.stdout
+    assert mtimes == [(rd / "model.pt").stat().st_mtime_ns for rd in runs]
+    r = run_sweep(*args, "trainer.steps=5", "objective.beta=0.5", "--status", cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout.count("STALE") == 2, r.stdout
+    r = run_sweep(*args, "trainer.steps=5", "--status", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("same") == 2 and "ext LPIPS" in r.stdout
+    # --fresh: the stale runs are kept aside (hidden from reports) and run again
+    r = run_sweep(*args, "trainer.steps=5", "objective.beta=0.5", "--fresh", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert (out / ".stale" / "lr" / "3e-4" / "seed=0-0" / "model.pt").exists()
+    assert all("beta: 0.5" in (rd / "config.yaml").read_text() for rd in runs)
+    table = collect_runs(out)
+    assert len(table) == 2 and set(table["cfg.objective.beta"]) == {0.5}
+    # --resubmit-failed launches the failed run only (not the interrupted one)
+    failed, interrupted = runs
+    for rd, state in ((failed, "failed"), (interrupted, "interrupted")):
+        st = json.loads((rd / "status.json").read_text())
+        (rd / "status.json").write_text(json.dumps({**st, "state": state, "step": 4}))
+        (rd / "model.pt").unlink()
+    r = run_sweep(*args, "trainer.steps=5", "objective.beta=0.5", "--resubmit-failed",
+                  cwd=tmp_path)
+    assert "not selected" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert status(failed)["state"] == "completed" and status(interrupted)["state"] == \
+        "interrupted"
+
+
+def test_rows_of_one_table_draw_from_one_start_pool(tiny_dataset, tmp_path):
+    """Table 5's rows differ in the prefix only, not in where their episodes start."""
+    from persistworld.sweeps.command import expand, preflight
+    from persistworld.trainers.post_train import start_pool, validate
+    pools = {}
+    for row in ("fixed3", "uniform0-9", "uniform0-4"):
+        cfg = _compose(["experiment=mini", f"row=prefix_strategy/{row}", "data.future=1",
+                        f"data.root={tiny_dataset}"])
+        setup = validate(cfg)[0]
+        pools[row] = start_pool(cfg.data, setup).index
+    assert pools["fixed3"] == pools["uniform0-9"] == pools["uniform0-4"]
+    cfg = _compose(["experiment=mini", "rollout.prefix.strategy=fixed", "rollout.prefix.low=3",
+                    "rollout.prefix.high=3", "data.future=1", f"data.root={tiny_dataset}"])
+    assert start_pool(cfg.data, validate(cfg)[0]).index != pools["fixed3"]   # without it
+    # a table whose rows would not share a pool is refused by the pre-flight
+    (tmp_path / "mixed.yaml").write_text(
+        "defaults:\n  - sweep_base\n  - _self_\nsweep:\n  table: mixed\n  row: f${rollout."
+        "branch_chunks}\nhydra:\n  searchpath: [pkg://persistworld.conf]\n  sweeper:\n    "
+        "params:\n      rollout.branch_chunks: 1,2\n      seed: '0'\n")
+    sweep = tmp_path / "mixed.yaml"
+    jobs = preflight(sweep, expand(sweep, ["experiment=mini", f"data.root={tiny_dataset}",
+                                           "data.future=1", f"sweep.out={tmp_path}"]))
+    assert all(any("different pools" in e for e in j.errors) for j in jobs)
 
 
 def test_submitit_local_launcher(tmp_path, tiny_dataset, tiny_base):

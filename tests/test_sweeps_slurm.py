@@ -141,7 +141,12 @@ def test_cancelled_job_is_reported_failed(tmp_path, tiny_dataset, tiny_base):
     assert status(victim)["state"] == "failed"
     assert "CANCELLED" in status(victim)["error"]
     r = run_sweep(*args, "--status", cwd=tmp_path)
-    assert r.returncode == 1 and "[failed]" in r.stdout and "[completed]" in r.stdout
+    rows = {line.split()[-1]: line.split() for line in r.stdout.splitlines()
+            if line.strip().endswith("seed=0")}
+    assert r.returncode == 1, r.stdout
+    assert rows[str(victim)][0] == "failed" and rows[str(other)][0] == "completed", r.stdout
+    assert rows[str(victim)][2] == "same" and _slurm_id(victim) in rows[str(victim)]
+    assert "CANCELLED" in r.stdout
     runs = collect_runs(out)
     bad = problem_runs(runs)
     assert len(bad) == 1 and bad["status"].iloc[0] == "failed"

@@ -111,7 +111,7 @@ def summary_columns(eval_name: str, summary: Mapping[str, Any]) -> dict[str, Any
     """Flatten one ``summary.json`` into ``<eval>/<group>/<metric>`` and
     ``<eval>/<mask>/<group>/<metric>`` columns."""
     row: dict[str, Any] = {}
-    for key in ("mode", "num_chunks", "num_samples"):
+    for key in ("mode", "num_chunks", "num_samples", "split", "episodes"):
         if key in summary:
             row[f"{eval_name}/{key}"] = summary[key]
 

@@ -11,7 +11,10 @@ Writes into ``--out`` (default ``SWEEP_DIR/report``):
     tables/<eval>_table.{md,tex,csv}  paper-layout table (mean ± std over seeds, n)
     tables/<eval>_masked.{md,tex,csv} Table 2 layout (object-only / robot-only), if present
     tables/<eval>_conditions.csv      per condition and metric: mean, std, n, bootstrap CI
-    tables/<eval>_paired.csv          paired per-sample comparisons against the baseline
+    tables/<eval>_paired.csv          paired comparisons against the baseline: per sample (seeds
+                                      averaged) and, the headline, with the seeds kept
+                                      (hierarchical bootstrap, Stouffer over seeds, Holm)
+    tables/<eval>_paired_seeds.csv    per seed: its per-episode deltas' mean, win rate, t-test
     tables/<eval>_curves.csv          metric vs rollout step, with intervals over samples
     tables/<eval>_curves_masked.csv   the same for the object-only / robot-only regions
     figures/*.png, figures/*.pdf      factor vs metric, metric vs time, paired deltas, training
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +40,13 @@ from persistworld.analysis.collect import (GROUPS, MASKS, METRICS, baseline_runs
                                            collect_frames, collect_runs, condition_labels,
                                            condition_order, infer_factors, problem_runs,
                                            read_metrics, write_table)
-from persistworld.analysis.stats import (paired_table, preference_study, step_curves,
-                                         summarize_conditions)
+from persistworld.analysis.stats import (paired_table, preference_study, seed_paired_table,
+                                         step_curves, summarize_conditions)
 from persistworld.analysis.stats import policy_agreement_table as stats_policy_table
 from persistworld.analysis.tables import (ablation_table, cameras_table, masked_table,
-                                          metric_column)
+                                          metric_column, sample_size_note, split_text)
 from persistworld.utils.io import atomic_write_text
+from persistworld.errors import UserError
 
 LAYOUT_BUILDERS = {"ablation": ablation_table, "cameras": cameras_table}
 
@@ -119,6 +124,113 @@ def _inline_html(text: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
 
 
+def eval_splits(runs: pd.DataFrame, eval_name: str) -> pd.DataFrame:
+    """The data split each run's evaluation ``eval_name`` used: ``run, split, source``.
+
+    Read, in this order, from a ``<eval>/split`` column of the runs table, from the run's
+    ``eval/<eval>/summary.json`` (a ``settings.split`` or top-level ``split`` entry), or from
+    its config (``cfg.eval.split``: the split the run's own final evaluation uses; an
+    evaluation written later by ``persistworld evaluate eval.split=...`` may differ, which is
+    why the summary wins). ``split`` is None where none of these has it. Trivial-baseline rows
+    are skipped: they are scored on their run's samples."""
+    rows = []
+    is_trivial = runs["baseline"].notna() if "baseline" in runs else \
+        pd.Series(False, index=runs.index)
+    for (_, r), trivial in zip(runs.iterrows(), is_trivial):
+        if trivial:
+            continue
+        split, source = None, ""
+        col = r.get(f"{eval_name}/split")
+        if col is not None and not pd.isna(col):
+            split, source = str(col), "runs table"
+        if split is None and isinstance(r.get("run_dir"), str):
+            path = Path(r["run_dir"]) / "eval" / eval_name / "summary.json"
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, ValueError):
+                summary = {}
+            found = (summary.get("settings") or {}).get("split", summary.get("split")) \
+                if isinstance(summary, dict) else None
+            if found is not None:
+                split, source = str(found), "summary.json"
+        cfg = r.get("cfg.eval.split")
+        if split is None and cfg is not None and not pd.isna(cfg):
+            split, source = str(cfg), "config.yaml eval.split"
+        rows.append({"run": r["run"], "split": split, "source": source})
+    return pd.DataFrame(rows, columns=["run", "split", "source"])
+
+
+def _split_source_text(splits: pd.DataFrame) -> str:
+    sources = sorted({s for s in splits["source"] if s})
+    missing = int(splits["split"].isna().sum())
+    text = f"split from {', '.join(sources)}" if sources else "no run records its split"
+    if "config.yaml eval.split" in sources:
+        text += (" (the summary.json files record no split: the config's is the one the "
+                 "run's own evaluation used)")
+    if missing and sources:
+        text += f"; {missing} run(s) record none"
+    return text
+
+
+def _samples_per_run(frames: pd.DataFrame, runs: pd.DataFrame,
+                     eval_name: str) -> tuple[dict[str, int], str]:
+    """Evaluation samples per run (from the frames, else ``<eval>/num_samples``) and the unit
+    to call them by: "episodes" when every sample is a different episode, else "samples"."""
+    counts: dict[str, int] = {}
+    unit = "samples"
+    if not frames.empty and "sample" in frames:
+        keys = [k for k in ("episode", "start", "sample") if k in frames]
+        per = frames.drop_duplicates(["run"] + keys)
+        counts = per.groupby("run").size().astype(int).to_dict()
+        if "episode" in per:
+            eps = per.groupby("run")["episode"].nunique()
+            if (eps == per.groupby("run").size()).all():
+                unit = "episodes"
+    col = f"{eval_name}/num_samples"
+    if col in runs:
+        for run, n in zip(runs["run"], runs[col]):
+            if run not in counts and not pd.isna(n):
+                counts[run] = int(n)
+    return counts, unit
+
+
+def _table_note(runs: pd.DataFrame, columns: Sequence[str], counts: dict[str, int], unit: str,
+                splits: pd.DataFrame) -> str:
+    """``sample_size_note`` for a table of ``columns`` over the completed runs (with a
+    ``condition`` column): seeds per model condition, samples per run, the split."""
+    cols = [c for c in columns if c in runs]
+    has = runs[cols].notna().any(axis=1) if cols else pd.Series(False, index=runs.index)
+    used = runs[has]
+    trivial = used["baseline"].notna() if "baseline" in used else \
+        pd.Series(False, index=used.index)
+    models = used[~trivial]
+    seeds = models.groupby("condition").size().tolist()
+    episodes = [counts[r] for r in used["run"] if r in counts]
+    split_of = dict(zip(splits["run"], splits["split"]))
+    extra = "trivial baselines: 1 evaluation each" if trivial.any() else ""
+    return sample_size_note(seeds, episodes, [split_of.get(r) for r in models["run"]],
+                            unit=unit, extra=extra)
+
+
+def _fmt_p(p: float) -> str:
+    return "" if pd.isna(p) else f"{p:.2g}"
+
+
+def _per_seed_cells(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """The compact per-seed table: one row per comparison and metric, one column per seed,
+    cells ``Δ mean · win rate · p``."""
+    if per_seed.empty:
+        return per_seed
+    cell = [f"{d:+.4g} · {100 * w:.0f}% · p {_fmt_p(p)}" if n else ""
+            for d, w, p, n in zip(per_seed["mean_delta"], per_seed["win_rate"],
+                                  per_seed["p"], per_seed["n"])]
+    long = per_seed.assign(cell=cell, col="seed " + per_seed["seed"].astype(str))
+    order = list(dict.fromkeys(long["col"]))
+    wide = long.pivot_table(index=["model", "group", "metric"], columns="col", values="cell",
+                            aggfunc="first", sort=False)
+    return wide.reindex(columns=order).fillna("").reset_index()
+
+
 def render_report(sweep_dirs: str | Path | Sequence[str | Path], *,
                   factors: Sequence[str] | None = None, evals: Sequence[str] | None = None,
                   out_dir: str | Path | None = None, seed_key: str = "cfg.seed",
@@ -151,16 +263,16 @@ def render_report(sweep_dirs: str | Path | Sequence[str | Path], *,
         runs = pd.concat([runs, trivial_runs], ignore_index=True)
     missing_factors = [f for f in factors if f not in runs]
     if missing_factors:
-        raise ValueError(f"--factor {', '.join(missing_factors)}: not in any run's config "
-                         f"(keys look like cfg.sweep.row, cfg.optim.lr)")
+        raise UserError(f"--factor {', '.join(missing_factors)}: not in any run's config "
+                        f"(keys look like cfg.sweep.row, cfg.optim.lr)")
     done = runs[runs["status"] == "completed"].copy()
     done["condition"] = condition_labels(done, factors)
     conditions = condition_order(done, factors)
     found_evals = sorted({e for es in runs["evals"].dropna() for e in es.split(",") if e})
     eval_names = list(evals) if evals else found_evals
     if baseline is not None and baseline not in conditions:
-        raise ValueError(f"--baseline {baseline!r} is not a condition; conditions: "
-                         f"{', '.join(map(repr, conditions))}")
+        raise UserError(f"--baseline {baseline!r} is not a condition; conditions: "
+                        f"{', '.join(map(repr, conditions))}")
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     write_table(runs, out / "runs")
@@ -202,11 +314,19 @@ def render_report(sweep_dirs: str | Path | Sequence[str | Path], *,
                                                                  done["condition"])))
     metric_cols = lambda e: [metric_column(e, g, m) for g in GROUPS for m in METRICS]  # noqa
 
+    seed_of_run = dict(zip(done["run"], done[seed_key])) if seed_key in done else {}
     for ev in eval_names:
         doc.heading(f"Eval `{ev}`")
+        frames = frames_all[frames_all["eval"] == ev] if not frames_all.empty else frames_all
+        splits = eval_splits(done, ev)
+        counts, unit = _samples_per_run(frames, done, ev)
+        doc.para(f"Sample sizes: n = seeds × evaluation {unit} per run, under every table; "
+                 f"{_split_source_text(splits)}.")
         tab = LAYOUT_BUILDERS[layout](runs, factors, ev, seed_key=seed_key, order=conditions,
                                       caption=f"{ev}: whole-rollout metrics "
-                                              f"(mean ± std over seeds)")
+                                              f"(mean ± std over seeds)",
+                                      note=_table_note(done, metric_cols(ev), counts, unit,
+                                                       splits))
         paths = tab.write(out / "tables" / f"{_slug(ev)}_table")
         doc.table(tab.to_markdown(), tab.to_html())
         doc.para(f"Files: `{paths['md'].name}`, `{paths['tex'].name}` (LaTeX, booktabs), "
@@ -215,7 +335,8 @@ def render_report(sweep_dirs: str | Path | Sequence[str | Path], *,
                        for m in METRICS]
         if any(c in runs and runs[c].notna().any() for c in masked_cols):
             mt = masked_table(runs, factors, ev, seed_key=seed_key, order=conditions,
-                              caption=f"{ev}: object-only / robot-only metrics")
+                              caption=f"{ev}: object-only / robot-only metrics",
+                              note=_table_note(done, masked_cols, counts, unit, splits))
             mt.write(out / "tables" / f"{_slug(ev)}_masked")
             doc.table(mt.to_markdown(), mt.to_html())
         cols = [c for c in metric_cols(ev) + masked_cols if c in runs]
@@ -233,7 +354,6 @@ def render_report(sweep_dirs: str | Path | Sequence[str | Path], *,
             stem = out / "figures" / f"{_slug(ev)}_factor_{_slug(factor)}"
             doc.figure(F.save_figure(fig, stem), f"{ev}: {factor} vs metric")
 
-        frames = frames_all[frames_all["eval"] == ev] if not frames_all.empty else frames_all
         if frames.empty:
             doc.para("No frames.parquet: no per-step curves or paired comparisons.")
             continue
@@ -255,23 +375,64 @@ def render_report(sweep_dirs: str | Path | Sequence[str | Path], *,
         if base is None or base not in set(frames["condition"]) or not others:
             continue
         doc.heading(f"Paired comparisons against `{base}` ({ev})", 3)
-        doc.para("Per evaluation sample (whole-rollout mean, seeds averaged), model − baseline; "
-                 "win = better in the metric's direction; sign test = exact binomial on "
-                 "wins vs losses; Wilcoxon signed-rank; CI = bootstrap of the mean delta.")
-        tables = []
+        doc.para("Deltas are model − baseline per evaluation sample (whole-rollout mean), with "
+                 "the seeds kept: seed s of the model against seed s of the baseline (a side "
+                 "with one run, e.g. a trivial baseline, against every seed of the other). "
+                 "Headline per metric: Δ = mean over seeds of the seed's mean delta, its 95% "
+                 "CI from a hierarchical bootstrap (seeds resampled, then episodes within each "
+                 "drawn seed), and p = paired t-test per seed combined over seeds with "
+                 "Stouffer's method on signed z, one-sided (H1: the model is better, in the "
+                 "metric's direction); Holm p = Holm-Bonferroni over the metrics of the "
+                 "comparison (one family per model). Win rate = mean over seeds. Last column: "
+                 "Wilcoxon signed-rank p on the samples with the seeds averaged (the "
+                 "previous, per-sample test). Caveat: every seed is scored on the same "
+                 "episodes, so Stouffer and the bootstrap, which treat them as independent "
+                 "per seed, are optimistic when a per-episode effect is shared across seeds.")
+        tables, seed_tables = [], []
         for k, cond in enumerate(others):
             tab_p, results = paired_table(frames, cond, base, rng, by="condition",
                                           n_resamples=n_resamples)
-            tables.append(tab_p)
+            tab_s, per_seed = seed_paired_table(frames, cond, base, rng, seeds=seed_of_run,
+                                                by="condition", n_resamples=n_resamples)
+            keys = ["model", "baseline", "group", "mask", "metric"]
+            tables.append(tab_p.merge(tab_s, on=keys, how="left", suffixes=("", "_seeds"))
+                          if not tab_p.empty else tab_p)
+            seed_tables.append(per_seed)
             if k < max_paired_figures and results:
                 fig, _ = F.plot_paired_deltas(results, title=f"{ev}: {cond} vs {base}")
                 doc.figure(F.save_figure(fig, out / "figures" /
                                          f"{_slug(ev)}_paired_{_slug(cond)}"),
                            f"{ev}: per-sample deltas, {cond} vs {base}")
         paired = pd.concat(tables, ignore_index=True)
+        per_seed = pd.concat(seed_tables, ignore_index=True)
         write_table(paired, out / "tables" / f"{_slug(ev)}_paired", formats=("csv",))
-        doc.frame(paired[["model", "group", "metric", "n", "mean_delta", "ci_low", "ci_high",
-                          "win_rate", "sign_p", "wilcoxon_p"]])
+        write_table(per_seed, out / "tables" / f"{_slug(ev)}_paired_seeds", formats=("csv",))
+        shown = paired[["model", "group", "metric", "n_seeds", "episodes_per_seed",
+                        "mean_delta_seeds", "hier_ci_low", "hier_ci_high", "combined_p",
+                        "holm_p", "win_rate_seeds", "wilcoxon_p"]].rename(columns={
+            "n_seeds": "seeds", "episodes_per_seed": unit, "mean_delta_seeds": "Δ",
+            "hier_ci_low": "CI low", "hier_ci_high": "CI high", "combined_p": "p (seeds)",
+            "holm_p": "Holm p", "win_rate_seeds": "win rate",
+            "wilcoxon_p": "Wilcoxon p (seeds averaged)"})
+        doc.frame(shown)
+        by_model = paired.drop_duplicates("model")
+        split_of = dict(zip(splits["run"], splits["split"]))
+        model_runs = frames.loc[frames["condition"].isin(others + [base]), "run"].unique()
+        split_note = split_text([split_of[r] for r in model_runs if r in split_of])
+        sizes = {m: f"{int(s)} seed{'s' if s != 1 else ''} × {e} {unit}"
+                 for m, s, e in zip(by_model["model"], by_model["n_seeds"].fillna(0),
+                                    by_model["episodes_per_seed"].fillna("?"))}
+        if len(set(sizes.values())) == 1:
+            doc.para(f"n = {next(iter(sizes.values()))} per comparison ({split_note}).")
+        else:
+            doc.para("n per comparison: " + "; ".join(f"{m}: {v}" for m, v in sizes.items())
+                     + f" ({split_note}).")
+        notes = sorted({n for n in paired.get("note", pd.Series(dtype=object)).dropna() if n})
+        if notes:
+            doc.para("Notes: " + "; ".join(notes) + ".")
+        doc.para(f"Per seed (Δ mean · win rate · one-sided paired t-test p; file "
+                 f"`{_slug(ev)}_paired_seeds.csv`):")
+        doc.frame(_per_seed_cells(per_seed))
 
     metrics = read_metrics(runs)
     if not metrics.empty and F.select_training_keys(metrics, training_keys):

@@ -12,6 +12,47 @@ Conventions
 * Metric directions: SSIM and PSNR higher is better, LPIPS lower (``HIGHER_IS_BETTER``).
 * Paired deltas are ``model - baseline`` in the metric's own units; "win" means the model is
   better on that sample in the metric's direction; ties are neither wins nor losses.
+
+Seeds x episodes (the claim "A beats B" across training seeds and evaluation episodes)
+--------------------------------------------------------------------------------------
+An "episode" here is an evaluation sample (``episode``, ``start``): the unit of the per-sample
+tables. The seed is the unit of replication of the training, so it is kept, not averaged away:
+
+* Pairing (``pair_runs``): seed s of the model is compared with seed s of the baseline (same
+  seed = same initialisation and data order); a side with a single run (a trivial baseline, or
+  one seed) is compared with every run of the other side. Runs without a partner are left out
+  and counted.
+* Per seed (``seed_test``): the per-episode deltas of that seed, their mean, win rate, a paired
+  t-test and (two-sided, as a robustness check) a Wilcoxon signed-rank p. The t-test is chosen
+  over Wilcoxon because it tests the same quantity the interval is about (the mean delta), and
+  its p-values are continuous: an exact Wilcoxon p is 1 for a seed whose deltas are all
+  negative, which maps to z = -inf and vetoes any combination.
+* Direction: tests run on the deltas oriented so that positive = the model is better
+  (``delta`` for SSIM/PSNR, ``-delta`` for LPIPS). ``alternative="better"`` (default, the
+  one-sided claim "A beats B"), ``"worse"`` or ``"two-sided"``.
+* Combination over seeds (``stouffer``): Stouffer's method on signed z, unweighted (each seed is
+  one replicate of equal standing): ``z_s = Phi^-1(1 - p_s)`` with ``p_s`` the seed's one-sided
+  p for "better", ``Z = sum_s z_s / sqrt(S)``, combined one-sided p = ``1 - Phi(Z)`` (``Phi(Z)``
+  for "worse", ``2 min`` of the two for two-sided). Chosen over Fisher because signed z let
+  seeds that disagree cancel (Fisher's ``-2 sum log p`` is carried by the single smallest p: one
+  seed at p = 1e-6 and two going the other way is "significant" for Fisher, not for Stouffer),
+  and because with one seed it is exactly that seed's test. Seeds whose test is undefined
+  (fewer than two deltas, or all deltas zero) are left out; a seed whose deltas are all equal
+  and non-zero has z = +-inf.
+* Interval (``hierarchical_bootstrap``): resample seeds with replacement, then, within each
+  drawn seed, its episodes with replacement; statistic = the mean over the drawn seeds of their
+  mean delta (seeds weigh equally; with equal episode counts this is the pooled mean);
+  percentile interval. With one seed there is nothing to resample at the top level: it is the
+  episode bootstrap, and ``SeedComparison.note`` says so.
+* Caveat, stated in the report too: all seeds are scored on the *same* episodes (a crossed, not
+  a nested design). Stouffer assumes independent per-seed tests and the hierarchical bootstrap
+  resamples each seed's episodes independently, so a component of the delta shared by all
+  seeds on an episode (an episode that is easy for the model whatever its seed) is counted as
+  if each seed had fresh episodes: both are somewhat optimistic when that component is large.
+* Multiple metrics (``holm``): Holm-Bonferroni step-down over the metrics of one comparison
+  (the 2 camera groups x 3 metrics of a model vs its baseline): sort the m p-values, multiply
+  the i-th smallest by ``m - i + 1``, make the sequence non-decreasing (running maximum) and
+  clip at 1. It controls the family-wise error rate under any dependence between the metrics.
 """
 from __future__ import annotations
 
@@ -20,7 +61,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -217,6 +258,350 @@ def paired_table(frames: pd.DataFrame, model: str, baseline: str, rng: np.random
             rows.append({"model": model, "baseline": baseline, "group": group,
                          "mask": mask or "", "metric": metric, **res.as_dict()})
     return pd.DataFrame(rows), results
+
+
+# -- seeds x episodes: per-seed tests, Stouffer, hierarchical bootstrap, Holm ----------------------
+ALTERNATIVES = ("better", "worse", "two-sided")
+
+
+def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm-Bonferroni step-down adjusted p-values, in the input order.
+
+    With the m non-NaN p-values sorted ascending, ``p_(1) <= ... <= p_(m)``:
+    ``adj_(i) = min(1, max_{j <= i} (m - j + 1) p_(j))``. NaNs stay NaN and do not count in m.
+    Reject at level alpha where ``adj <= alpha``: this controls the family-wise error rate."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    q = p[ok]
+    if np.any((q < 0) | (q > 1)):
+        raise ValueError("p-values must lie in [0, 1]")
+    m = q.size
+    if m == 0:
+        return out
+    order = np.argsort(q, kind="stable")
+    adj_sorted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * q[order]))
+    adj = np.empty(m)
+    adj[order] = adj_sorted
+    out[ok] = adj
+    return out
+
+
+def _directional_p(p_upper: float, p_lower: float, alternative: str) -> float:
+    """The p-value in ``alternative`` from the two one-sided ones (upper = "better")."""
+    if alternative == "better":
+        return p_upper
+    if alternative == "worse":
+        return p_lower
+    if alternative == "two-sided":
+        return min(1.0, 2.0 * min(p_upper, p_lower))
+    raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
+
+
+def stouffer(z: Sequence[float] | np.ndarray, *,
+             alternative: str = "better") -> tuple[float, float]:
+    """Stouffer's combination of signed per-seed z (positive = the model is better):
+    ``Z = sum z_s / sqrt(S)`` (NaN z left out) and its p-value in ``alternative``
+    (``"better"``: ``1 - Phi(Z)``, ``"worse"``: ``Phi(Z)``, two-sided: twice the smaller).
+    Returns ``(Z, p)``; both NaN when no z is usable. With one z, ``Z = z``."""
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
+    z = np.asarray(z, dtype=float).ravel()
+    z = z[~np.isnan(z)]
+    if z.size == 0:
+        return math.nan, math.nan
+    with np.errstate(invalid="ignore"):
+        big_z = float(np.sum(z) / math.sqrt(z.size))
+    if math.isnan(big_z):          # +inf and -inf together: no direction is certain
+        return math.nan, math.nan
+    return big_z, _directional_p(float(sps.norm.sf(big_z)), float(sps.norm.cdf(big_z)),
+                                 alternative)
+
+
+def seed_test(delta: Sequence[float] | np.ndarray, *, higher_is_better: bool,
+              alternative: str = "better") -> dict[str, Any]:
+    """One seed's paired test on its per-episode deltas ``model - baseline`` (NaNs dropped).
+
+    ``n, mean_delta, wins, losses, ties, win_rate``; ``t`` and ``df`` of the paired t-test on
+    the deltas oriented so that positive = the model is better (``delta`` or ``-delta``, so
+    ``t`` is positive when the model is better, whatever the metric's direction); ``p`` in
+    ``alternative`` (equal to ``scipy.stats.ttest_rel(model, baseline, alternative=...)`` with
+    ``"greater"`` for SSIM/PSNR "better", ``"less"`` for LPIPS "better"); ``z = Phi^-1(1 -
+    p_better)``, computed from the smaller tail so that it keeps its precision for either sign;
+    ``wilcoxon_p``: two-sided ``scipy.stats.wilcoxon`` on the deltas. Fewer than two deltas,
+    or all deltas zero: ``t, p, z`` NaN."""
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
+    d = np.asarray(delta, dtype=float).ravel()
+    d = d[~np.isnan(d)]
+    better = d if higher_is_better else -d
+    n = int(d.size)
+    wins, losses = int(np.sum(better > 0)), int(np.sum(better < 0))
+    out: dict[str, Any] = {
+        "n": n, "mean_delta": float(np.mean(d)) if n else math.nan, "wins": wins,
+        "losses": losses, "ties": n - wins - losses,
+        "win_rate": wins / n if n else math.nan, "t": math.nan, "df": max(n - 1, 0),
+        "p": math.nan, "z": math.nan, "wilcoxon_p": math.nan}
+    if n >= 2:
+        mean, sd = float(np.mean(better)), float(np.std(better, ddof=1))
+        if sd > 0:
+            t = mean / (sd / math.sqrt(n))
+            p_up, p_low = float(sps.t.sf(t, n - 1)), float(sps.t.cdf(t, n - 1))
+        elif mean != 0:            # every delta equal and non-zero: the direction is certain
+            t = math.copysign(math.inf, mean)
+            p_up, p_low = (0.0, 1.0) if mean > 0 else (1.0, 0.0)
+        else:
+            t = p_up = p_low = math.nan
+        if not math.isnan(t):
+            z = float(sps.norm.isf(p_up)) if t >= 0 else float(sps.norm.ppf(p_low))
+            out.update(t=t, p=_directional_p(p_up, p_low, alternative), z=z)
+    if wins + losses:
+        try:
+            out["wilcoxon_p"] = float(sps.wilcoxon(d).pvalue)
+        except ValueError:
+            pass
+    return out
+
+
+def hierarchical_resamples(deltas: Sequence[Sequence[float] | np.ndarray],
+                           rng: np.random.Generator, *, n_resamples: int = 10_000,
+                           batch: int = 1_000) -> np.ndarray:
+    """The hierarchical bootstrap distribution of the mean delta, ``(n_resamples,)``.
+
+    ``deltas``: one array of per-episode deltas per seed (NaNs dropped; seeds without any left
+    out; lengths may differ). Each resample draws S seeds with replacement out of the S, then,
+    for each drawn seed with n_s episodes, n_s of its episodes with replacement; its statistic
+    is the mean over the drawn seeds of their resampled mean. With one seed only the episodes
+    are resampled (the episode bootstrap)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError("pass an explicit numpy.random.Generator (np.random.default_rng(seed))")
+    groups = [g[~np.isnan(g)] for g in (np.asarray(d, dtype=float).ravel() for d in deltas)]
+    groups = [g for g in groups if g.size]
+    if not groups:
+        return np.full(n_resamples, np.nan)
+    n = np.array([g.size for g in groups])
+    padded = np.zeros((len(groups), int(n.max())))
+    for i, g in enumerate(groups):
+        padded[i, :g.size] = g
+    out = np.empty(n_resamples)
+    cols = np.arange(padded.shape[1])
+    for start in range(0, n_resamples, batch):
+        b = min(batch, n_resamples - start)
+        seeds = (rng.integers(0, len(groups), size=(b, len(groups))) if len(groups) > 1
+                 else np.zeros((b, 1), dtype=int))
+        n_sel = n[seeds]                                                   # (b, S)
+        idx = rng.integers(0, n_sel[..., None], size=(*seeds.shape, padded.shape[1]))
+        used = cols < n_sel[..., None]                                     # first n_s draws
+        vals = np.where(used, padded[seeds[..., None], idx], 0.0)
+        out[start:start + b] = np.mean(vals.sum(axis=-1) / n_sel, axis=-1)
+    return out
+
+
+def hierarchical_bootstrap(deltas: Sequence[Sequence[float] | np.ndarray],
+                           rng: np.random.Generator, *, n_resamples: int = 10_000,
+                           level: float = 0.95) -> Interval:
+    """Percentile interval of the mean delta from ``hierarchical_resamples`` (seeds, then
+    episodes within each drawn seed). ``estimate`` is the mean over seeds of their mean delta,
+    ``n`` the number of deltas. Fewer than two deltas in all: NaN bounds."""
+    groups = [g[~np.isnan(g)] for g in (np.asarray(d, dtype=float).ravel() for d in deltas)]
+    groups = [g for g in groups if g.size]
+    total = int(sum(g.size for g in groups))
+    if not groups:
+        return Interval(math.nan, math.nan, math.nan, 0, level)
+    est = float(np.mean([g.mean() for g in groups]))
+    if total < 2:
+        return Interval(est, math.nan, math.nan, total, level)
+    dist = hierarchical_resamples(groups, rng, n_resamples=n_resamples)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(dist, [alpha, 1 - alpha])
+    return Interval(est, float(low), float(high), total, level)
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """``model`` vs ``baseline`` with the seed kept as the unit of replication: the headline
+    (hierarchical-bootstrap interval of the mean delta, Stouffer-combined p) and the per-seed
+    rows it is made of."""
+    n_seeds: int               # seeds with at least one paired delta
+    n_episodes: int            # paired deltas over all seeds
+    higher_is_better: bool
+    alternative: str
+    mean_delta: float          # mean over seeds of the seed's mean (model - baseline)
+    ci_low: float              # hierarchical bootstrap (seeds, then episodes) of that mean
+    ci_high: float
+    win_rate: float            # mean over seeds of the seed's win rate
+    combined_z: float          # Stouffer Z of the seeds' signed z (positive = model better)
+    combined_p: float          # its p-value in ``alternative``
+    n_seeds_tested: int        # seeds whose t-test is defined (those in Z)
+    note: str = ""
+    per_seed: pd.DataFrame = field(repr=False, compare=False,
+                                   default_factory=lambda: pd.DataFrame())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "per_seed"}
+
+
+def seed_comparison(deltas: Mapping[Any, Sequence[float] | np.ndarray | pd.Series], *,
+                    higher_is_better: bool, rng: np.random.Generator,
+                    alternative: str = "better", n_resamples: int = 10_000,
+                    level: float = 0.95) -> SeedComparison:
+    """Per-seed tests (``seed_test``), their Stouffer combination and the hierarchical
+    bootstrap interval, from ``{seed: per-episode deltas (model - baseline)}``. With a single
+    seed the combined test is that seed's t-test and the interval the episode bootstrap; the
+    ``note`` says so (between-seed variation is then not measured)."""
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
+    rows = [{"seed": seed, **seed_test(np.asarray(d, dtype=float), alternative=alternative,
+                                       higher_is_better=higher_is_better)}
+            for seed, d in deltas.items()]
+    per_seed = pd.DataFrame(rows, columns=["seed", "n", "mean_delta", "wins", "losses", "ties",
+                                           "win_rate", "t", "df", "p", "z", "wilcoxon_p"])
+    per_seed = per_seed[per_seed["n"] > 0].reset_index(drop=True)
+    ci = hierarchical_bootstrap([np.asarray(deltas[s], dtype=float) for s in per_seed["seed"]],
+                                rng, n_resamples=n_resamples, level=level)
+    big_z, p = stouffer(per_seed["z"].to_numpy(dtype=float), alternative=alternative)
+    n_seeds, tested = len(per_seed), int(per_seed["z"].notna().sum())
+    notes = []
+    if n_seeds == 1:
+        notes.append("1 seed: hierarchical bootstrap = episode bootstrap, combined test = that "
+                     "seed's paired t-test (between-seed variation not measured)")
+    elif n_seeds == 0:
+        notes.append("no paired seeds")
+    if tested < n_seeds:
+        notes.append(f"{n_seeds - tested} seed(s) without a defined t-test left out of Z")
+    return SeedComparison(
+        n_seeds=n_seeds, n_episodes=int(per_seed["n"].sum()),
+        higher_is_better=higher_is_better, alternative=alternative,
+        mean_delta=ci.estimate, ci_low=ci.low, ci_high=ci.high,
+        win_rate=float(per_seed["win_rate"].mean()) if n_seeds else math.nan,
+        combined_z=big_z, combined_p=p, n_seeds_tested=tested, note="; ".join(notes),
+        per_seed=per_seed)
+
+
+def seed_label(value: Any) -> str:
+    """A seed as text: ``2.0`` (a seed column made float by missing values) -> ``"2"``."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def pair_runs(model_runs: Sequence[str], baseline_runs: Sequence[str],
+              seed_of: Mapping[str, Any] | None = None
+              ) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """Pair the runs of a model with those of its baseline by seed: ``(seed, model run,
+    baseline run)`` triples and the runs left without a partner.
+
+    A side with a single run is paired with every run of the other side (a trivial baseline is
+    one evaluation; the seed is then the other side's; one run against one run takes the seed
+    of whichever has one). Otherwise runs are matched on equal seeds (``seed_of[run]``, via
+    ``seed_label``; a run without a seed is its own label)."""
+    def seed(run: str) -> str | None:
+        v = (seed_of or {}).get(run)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else seed_label(v)
+
+    def label(run: str, other: str | None = None) -> str:
+        """The run's seed, else (one run against one run) the other run's, else the run."""
+        return seed(run) or (other is not None and seed(other)) or str(run)
+
+    if len(baseline_runs) == 1:
+        b = baseline_runs[0]
+        return [(label(m, b if len(model_runs) == 1 else None), m, b) for m in model_runs], []
+    if len(model_runs) == 1:
+        return [(label(b), model_runs[0], b) for b in baseline_runs], []
+    by_seed_m: dict[str, list[str]] = {}
+    by_seed_b: dict[str, list[str]] = {}
+    for r in model_runs:
+        by_seed_m.setdefault(label(r), []).append(r)
+    for r in baseline_runs:
+        by_seed_b.setdefault(label(r), []).append(r)
+    pairs, unpaired = [], []
+    for s, ms in by_seed_m.items():
+        bs = by_seed_b.get(s, [])
+        if len(ms) == 1 and len(bs) == 1:
+            pairs.append((s, ms[0], bs[0]))
+        else:                        # no partner, or several runs with one seed: ambiguous
+            unpaired += ms
+    unpaired += [b for s, bs in by_seed_b.items() if s not in {p[0] for p in pairs} for b in bs]
+    return pairs, unpaired
+
+
+def _seed_sort_key(labels: pd.Series) -> pd.Series:
+    num = pd.to_numeric(labels, errors="coerce")
+    return num if num.notna().all() else labels.astype(str)
+
+
+SEED_TABLE_COLUMNS = ["model", "baseline", "group", "mask", "metric", "n_seeds", "n_episodes",
+                      "episodes_per_seed", "mean_delta", "hier_ci_low", "hier_ci_high",
+                      "win_rate", "combined_z", "combined_p", "holm_p", "alternative",
+                      "n_seeds_tested", "unpaired_runs", "note"]
+
+
+def seed_paired_table(frames: pd.DataFrame, model: str, baseline: str, rng: np.random.Generator,
+                      *, seeds: Mapping[str, Any] | None = None, by: str = "condition",
+                      groups: Sequence[str] = GROUPS, metrics: Sequence[str] = METRICS,
+                      mask: str | None = None, alternative: str = "better",
+                      n_resamples: int = 10_000, level: float = 0.95
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``model`` vs ``baseline`` (values of column ``by``) on every group x metric, with the
+    seeds kept: the runs of each are paired by seed (``pair_runs``, ``seeds`` maps run ->
+    seed), each pair gives per-episode deltas of the whole-rollout values, and
+    ``seed_comparison`` makes the headline. ``holm_p`` is Holm over the ``combined_p`` of this
+    table's rows (the family: this comparison's group x metric cells).
+
+    Returns (one row per group x metric, ``SEED_TABLE_COLUMNS``; the long per-seed table
+    ``model, baseline, group, mask, metric, seed, model_run, baseline_run, n, mean_delta, wins,
+    losses, ties, win_rate, t, df, p, z, wilcoxon_p``)."""
+    sub = frames[frames[by].isin([model, baseline])]
+    if by == "run" or "run" not in sub:
+        m_runs, b_runs = [model], [baseline]
+        run_col = by
+    else:
+        runs_of = sub.drop_duplicates("run").groupby(by, sort=False)["run"].agg(list)
+        m_runs, b_runs = runs_of.get(model, []), runs_of.get(baseline, [])
+        run_col = "run"
+    pairs, unpaired = pair_runs(m_runs, b_runs, seeds) if m_runs and b_runs else ([], [])
+    rows, seed_rows = [], []
+    for group in groups:
+        for metric in metrics:
+            if not pairs:
+                continue
+            scores = sample_scores(sub, group=group, metric=metric, mask=mask, by=run_col)
+            if scores.empty:
+                continue
+            deltas = {s: (scores[m] - scores[b]).dropna().to_numpy()
+                      for s, m, b in pairs if m in scores and b in scores}
+            if not deltas:
+                continue
+            res = seed_comparison(deltas, higher_is_better=HIGHER_IS_BETTER[metric], rng=rng,
+                                  alternative=alternative, n_resamples=n_resamples,
+                                  level=level)
+            run_of = {s: (m, b) for s, m, b in pairs}
+            per = res.per_seed.sort_values("seed", key=_seed_sort_key, kind="stable")
+            n_per = per["n"]
+            head = {"model": model, "baseline": baseline, "group": group, "mask": mask or "",
+                    "metric": metric}
+            rows.append({**head, "n_seeds": res.n_seeds, "n_episodes": res.n_episodes,
+                         "episodes_per_seed": (str(n_per.min()) if n_per.min() == n_per.max()
+                                               else f"{n_per.min()}-{n_per.max()}")
+                         if len(n_per) else "",
+                         "mean_delta": res.mean_delta, "hier_ci_low": res.ci_low,
+                         "hier_ci_high": res.ci_high, "win_rate": res.win_rate,
+                         "combined_z": res.combined_z, "combined_p": res.combined_p,
+                         "alternative": alternative, "n_seeds_tested": res.n_seeds_tested,
+                         "unpaired_runs": len(unpaired), "note": res.note})
+            for rec in per.to_dict("records"):
+                m, b = run_of[rec["seed"]]
+                seed_rows.append({**head, "seed": rec["seed"], "model_run": m,
+                                  "baseline_run": b, **{k: v for k, v in rec.items()
+                                                        if k != "seed"}})
+    table = pd.DataFrame(rows, columns=[c for c in SEED_TABLE_COLUMNS if c != "holm_p"])
+    table.insert(SEED_TABLE_COLUMNS.index("holm_p"), "holm_p",
+                 holm(table["combined_p"].to_numpy(dtype=float)))
+    seed_cols = ["model", "baseline", "group", "mask", "metric", "seed", "model_run",
+                 "baseline_run", "n", "mean_delta", "wins", "losses", "ties", "win_rate", "t",
+                 "df", "p", "z", "wilcoxon_p"]
+    return table, pd.DataFrame(seed_rows, columns=seed_cols)
 
 
 # -- rollout-time curves ---------------------------------------------------------------------------

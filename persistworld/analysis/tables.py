@@ -15,7 +15,9 @@ compared as displayed (rounded to the column's decimals) with dense ranking, whi
 paper does: tied best values are all bold and the next distinct value is underlined (Table 4:
 0.872 twice bold, 0.871 underlined). A block with a single row, or a column whose displayed
 values are all equal, gets no second. Cells are ``mean ± std`` over seeds with the number of
-seeds in an ``n`` column; with one seed per row only the value is shown.
+seeds in an ``n`` column; with one seed per row only the value is shown. A table's ``note``
+(e.g. ``sample_size_note``: "n = 3 seeds × 20 episodes (val split)") is printed under it in
+every format but the CSV.
 
 Tables are generated from the runs table, never edited by hand (STYLE.md point 11).
 """
@@ -62,6 +64,7 @@ class Table:
     row_header: str = ""
     caption: str = ""
     label: str = ""
+    note: str = ""             # printed under the table (sample sizes, split)
 
     def __post_init__(self) -> None:
         self.mean = np.asarray(self.mean, dtype=float).reshape(len(self.rows), len(self.columns))
@@ -186,6 +189,8 @@ class Table:
         out = "\n".join(lines) + "\n"
         if self.caption:
             out = f"**{_md_escape(self.caption)}**\n\n" + out
+        if self.note:
+            out += f"\n{self.note}\n"
         return out
 
     def to_latex(self) -> str:
@@ -232,7 +237,10 @@ class Table:
                     marks[i, j], c)
                 cells.append(c)
             lines.append(" & ".join(cells) + r" \\")
-        lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        if self.note:
+            lines += [r"\par\smallskip", rf"{{\footnotesize {_tex_escape(self.note)}}}"]
+        lines.append(r"\end{table}")
         return "\n".join(lines) + "\n"
 
     def to_html(self) -> str:
@@ -268,6 +276,8 @@ class Table:
                 row_html += f'<td class="num">{c}</td>'
             out.append(f"<tr>{row_html}</tr>")
         out.append("</table>")
+        if self.note:
+            out.append(f'<p class="note">{esc(self.note)}</p>')
         return "\n".join(out) + "\n"
 
     def write(self, stem: str | os.PathLike) -> dict[str, Path]:
@@ -287,11 +297,46 @@ def _md_escape(s: str) -> str:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
         "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
-        "–": "--", "±": r"$\pm$", "*": r"$^*$"}
+        "–": "--", "±": r"$\pm$", "×": r"$\times$", "*": r"$^*$"}
 
 
 def _tex_escape(s: str) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(s))
+
+
+def _count(values: Sequence[int], unit: str) -> str:
+    vals = sorted({int(v) for v in values})
+    if not vals:
+        return f"? {unit}"
+    text = str(vals[0]) if len(vals) == 1 else f"{vals[0]}–{vals[-1]}"
+    one = len(vals) == 1 and vals[0] == 1
+    return f"{text} {unit[:-1] if one and unit.endswith('s') else unit}"
+
+
+def split_text(splits: Sequence[str | None]) -> str:
+    """``"val split"`` from the split of each run (None where unknown), saying when some are
+    unknown or when the runs disagree."""
+    known = sorted({str(s) for s in splits if s is not None and str(s) not in ("", "nan")})
+    unknown = any(s is None or str(s) in ("", "nan") for s in splits) or not list(splits)
+    if len(known) == 1:
+        return f"{known[0]} split" + (", not recorded for some runs" if unknown else "")
+    if known:
+        return "/".join(known) + " splits: they differ between runs!"
+    return "split not recorded"
+
+
+def sample_size_note(seeds: Sequence[int], episodes: Sequence[int],
+                     splits: Sequence[str | None] = (), *, unit: str = "episodes",
+                     extra: str = "") -> str:
+    """The line printed under a table: ``"n = 3 seeds × 20 episodes (val split)"``.
+
+    ``seeds``: seeds per condition (a range is shown when they differ); ``episodes``:
+    evaluation samples per run; ``splits``: the split of each run's evaluation (None where
+    unknown: "split not recorded", see ``split_text``); ``extra`` is appended after a
+    semicolon."""
+    line = (f"n = {_count(seeds, 'seeds')} × {_count(episodes, unit)} "
+            f"({split_text(splits)})")
+    return line + (f"; {extra}" if extra else "")
 
 
 # -- builders --------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ class RolloutConf:
     best_of_n: Optional[int] = 2     # keep top-n + bottom-n per group; null keeps all (paper: 5)
     sampling_policy: str = "current"  # current | old: which policy samples prefixes/branches
     sampler_steps: Optional[int] = None  # Euler steps in RL rollouts; null = model default
+    start_pool_chunks: Optional[int] = None  # chunks every start has after it; null = max
+    #   prefix + branch_chunks. The rows of a table set the table's largest (conf/row/), so
+    #   that they draw their starts from one pool and differ only in their factor
 
 
 @dataclass
@@ -107,7 +110,7 @@ class TrainerConf:
 @dataclass
 class EvalConf:
     enabled: bool = True             # the run's own evaluation of its final model
-    split: str = "val"               # held-out episodes
+    split: str = "test"              # train | val (choose settings) | test (report)
     num_chunks: int = 10             # chunks per rollout (paper ablations: 10; Table 1: 14)
     mode: str = "autoregressive"     # autoregressive | teacher_forced
     max_samples: Optional[int] = None  # rollouts; null = one per held-out episode

@@ -23,12 +23,21 @@ import numpy as np
 import torch
 
 from persistworld.world_model.interface import VIEWS
+from persistworld.errors import UserError
 
 REQUIRED_KEYS = ("rgb", "mask", "eef_pose", "action", "eef_quat", "meta")
 RENDER_HINT = "create it with `persistworld render data.root={root}`"
+# episode splits: models train on `train`; every choice of a setting (learning-rate sweeps,
+# Optuna objectives and pruning, in-training checks) is made on `val`; tables, paired tests
+# and claims are reported on `test`, which nothing was chosen on
+SPLITS = ("train", "val", "test")
+SELECTION_SPLIT = "val"
+REPORT_SPLIT = "test"
+# (path, size, mtime_ns) of the episode files whose sha256 this process has checked
+_VERIFIED: set[tuple[str, int, int]] = set()
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError):
     """A dataset file is missing or unreadable; the message names the file and the fix."""
 
 
@@ -60,7 +69,7 @@ def _node(cfg: Any, key: str, default: Any = None) -> Any:
 class EpisodeStore:
     """The manifest, the normalisation statistics and checked episode loading."""
 
-    def __init__(self, root: str | Path, verify_checksums: bool = False):
+    def __init__(self, root: str | Path, verify_checksums: bool = True):
         self.root = Path(root)
         manifest_path = self.root / "manifest.json"
         if not manifest_path.exists():
@@ -82,10 +91,16 @@ class EpisodeStore:
         self.verify_checksums = verify_checksums
 
     def episode_ids(self, split: str | None = None) -> list[int]:
-        if split not in (None, "train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        return sorted(e["id"] for e in self.manifest["episodes"]
-                      if split is None or e["split"] == split)
+        if split not in (None, *SPLITS):
+            raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        ids = sorted(e["id"] for e in self.manifest["episodes"]
+                     if split is None or e["split"] == split)
+        if split is not None and not ids:
+            raise DatasetError(f"dataset {self.root} has no {split!r} episodes (its manifest "
+                               f"was written before the {split} split existed?); rerun "
+                               f"`persistworld render data.root={self.root}` (it keeps every "
+                               f"rendered episode and adds what is missing)")
+        return ids
 
     def entry(self, episode_id: int) -> dict:
         return self._by_id[episode_id]
@@ -97,11 +112,8 @@ class EpisodeStore:
                f"(only missing episodes are rendered again)")
         if not path.exists():
             raise DatasetError(f"episode file {path} is missing; {fix}")
-        if self.verify_checksums:
-            from persistworld.utils.io import sha256_file
-            if sha256_file(path) != entry["sha256"]:
-                raise DatasetError(f"episode file {path} does not match its checksum in "
-                                   f"manifest.json (corrupt or modified); {fix}")
+        if self.verify_checksums and entry.get("sha256"):
+            self._verify(path, entry["sha256"], fix)
         try:
             with np.load(path, allow_pickle=False) as z:
                 missing = [k for k in REQUIRED_KEYS if k not in z.files]
@@ -110,13 +122,53 @@ class EpisodeStore:
                 arrays = {k: z[k] for k in REQUIRED_KEYS}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
             raise DatasetError(f"episode file {path} is corrupt or truncated ({e}); {fix}") from e
-        T = arrays["rgb"].shape[0]
-        if any(arrays[k].shape[0] != T for k in ("mask", "eef_pose", "action")):
-            raise DatasetError(f"episode file {path}: arrays disagree on the number of steps; "
-                               f"{fix}")
+        self._check_arrays(path, arrays, entry, fix)
         return Episode(id=episode_id, rgb=arrays["rgb"], mask=arrays["mask"],
                        eef_pose=arrays["eef_pose"], action=arrays["action"],
                        meta=json.loads(bytes(arrays["meta"]).decode("utf-8")))
+
+    @staticmethod
+    def _verify(path: Path, sha256: str, fix: str) -> None:
+        """The file's sha256 against the manifest's, once per file (and version) per process."""
+        from persistworld.utils.io import sha256_file
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key in _VERIFIED:
+            return
+        if sha256_file(path) != sha256:
+            raise DatasetError(f"episode file {path} does not match its checksum in "
+                               f"manifest.json (corrupt or modified); {fix}")
+        _VERIFIED.add(key)
+
+    def _check_arrays(self, path: Path, a: dict, entry: dict, fix: str) -> None:
+        """Shapes the readers rely on and finite poses, with the file named."""
+        cfg = self.manifest.get("config") or {}
+        V = len(self.manifest.get("views") or VIEWS)
+        h, w = cfg.get("image_height"), cfg.get("image_width")
+        rgb = a["rgb"]
+        if rgb.ndim != 5 or rgb.shape[1] != V or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+            raise DatasetError(f"episode file {path}: rgb has shape {rgb.shape} {rgb.dtype}, "
+                               f"expected (T, {V}, h, w, 3) uint8; {fix}")
+        if h is not None and w is not None and tuple(rgb.shape[2:4]) != (int(h), int(w)):
+            raise DatasetError(f"episode file {path} holds {rgb.shape[2]}x{rgb.shape[3]} "
+                               f"images but the dataset is {h}x{w} (manifest.json config); "
+                               f"{fix}")
+        T = rgb.shape[0]
+        if a["mask"].shape != rgb.shape[:4]:
+            raise DatasetError(f"episode file {path}: mask has shape {a['mask'].shape}, "
+                               f"expected {rgb.shape[:4]}; {fix}")
+        for k in ("eef_pose", "action"):
+            if a[k].shape != (T, 7):
+                raise DatasetError(f"episode file {path}: {k} has shape {a[k].shape}, "
+                                   f"expected ({T}, 7); {fix}")
+            bad = ~np.isfinite(a[k])
+            if bad.any():
+                step = int(np.argwhere(bad)[0][0])
+                raise DatasetError(f"episode file {path}: {k} holds NaN/inf (first at step "
+                                   f"{step}); {fix}")
+        if entry.get("num_steps") is not None and int(entry["num_steps"]) != T:
+            raise DatasetError(f"episode file {path} has {T} steps but manifest.json says "
+                               f"{entry['num_steps']}; {fix}")
 
     # -- action normalisation (DROID / Ctrl-World: 1st/99th percentile -> [-1, 1]) -------
     def normalize(self, x: np.ndarray, key: str = "action") -> np.ndarray:
@@ -148,8 +200,8 @@ class ClipDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, split: str = "train", history: int = 6, future: int = 5,
                  stride: int = 1):
         if history < 1 or future < 1 or stride < 1:
-            raise ValueError(f"data.history, data.future and data.stride must be >= 1, got "
-                             f"{history}, {future}, {stride}")
+            raise UserError(f"data.history, data.future and data.stride must be >= 1, got "
+                            f"{history}, {future}, {stride}")
         self.store = EpisodeStore(root)
         self.split, self.history, self.future, self.stride = split, history, future, stride
         self._episodes = _EpisodeCache(self.store)
@@ -161,8 +213,8 @@ class ClipDataset(torch.utils.data.Dataset):
             last_t = T - 1 - future * stride
             self.index.extend((eid, t) for t in range(0, last_t + 1))
         if not self.index:
-            raise ValueError(f"no '{split}' clips of {future} future frames at stride {stride} "
-                             f"in {root}: episodes are too short or the split is empty")
+            raise UserError(f"no '{split}' clips of {future} future frames at stride {stride} "
+                            f"in {root}: episodes are too short or the split is empty")
 
     @classmethod
     def from_config(cls, data_cfg: Any, split: str = "train") -> "ClipDataset":
@@ -217,10 +269,10 @@ class RolloutDataset(torch.utils.data.Dataset):
         if max_samples is not None:
             self.index = self.index[:max_samples]
         if not self.index:
-            raise ValueError(f"no '{split}' episode in {root} is long enough for {num_chunks} "
-                             f"chunks x {future} frames at stride {stride} ({span + 1} frames "
-                             f"needed; lengths seen: {[T for _, T in too_short][:5]}); lower "
-                             f"eval.num_chunks or render longer episodes (data.min_steps)")
+            raise UserError(f"no '{split}' episode in {root} is long enough for {num_chunks} "
+                            f"chunks x {future} frames at stride {stride} ({span + 1} frames "
+                            f"needed; lengths seen: {[T for _, T in too_short][:5]}); lower "
+                            f"eval.num_chunks or render longer episodes (data.min_steps)")
 
     def __len__(self) -> int:
         return len(self.index)

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 from persistworld.data.dataset import EpisodeStore
 from persistworld.utils.io import atomic_path
 from persistworld.world_model.interface import VIEWS
+from persistworld.errors import UserError
 
 # background / robot / manipulated object, as in docs/FORMATS.md
 MASK_COLOURS = np.array([[30, 30, 30], [70, 140, 255], [255, 170, 40]], np.uint8)
@@ -40,7 +41,7 @@ def write_preview(root: str | Path, episode: int = 0, num_frames: int = 8,
     store = EpisodeStore(root)
     ids = store.episode_ids()
     if episode not in ids:
-        raise ValueError(f"episode={episode} is not in {root} (it has ids {ids[0]}..{ids[-1]})")
+        raise UserError(f"episode={episode} is not in {root} (it has ids {ids[0]}..{ids[-1]})")
     ep = store.load(episode)
     frames = np.linspace(0, ep.num_steps - 1, num_frames).round().astype(int)
     sheet = contact_sheet(ep.rgb, ep.mask, frames, list(VIEWS))

@@ -1,7 +1,8 @@
 """Render the mini-DROID dataset with pybullet (``persistworld render``; docs/FORMATS.md).
 
-``render_dataset(cfg)`` renders ``cfg.num_episodes`` scripted Franka Panda episodes (pick-and-
-place or push, three views: two external cameras and a wrist camera) into ``cfg.root``:
+``render_dataset(cfg)`` renders ``cfg.num_episodes`` train / val episodes and, after them,
+``cfg.test_episodes`` test episodes of a scripted Franka Panda (pick-and-place or push, three
+views: two external cameras and a wrist camera) into ``cfg.root``:
 
 * ``episodes/ep_XXXXXX.npz``: one atomic, byte-deterministic file per episode. Episode ``i`` is
   rendered from a seed derived from ``(cfg.seed, i)`` only, so the bytes do not depend on the
@@ -28,16 +29,23 @@ from typing import Any, Mapping
 import numpy as np
 
 from persistworld.utils.io import atomic_write_bytes, atomic_write_json, npz_bytes, sha256_file
+from persistworld.errors import UserError
 
 FORMAT_VERSION = 1
 EPISODE_KEYS = ("action", "eef_pose", "eef_quat", "mask", "meta", "rgb")
 # settings that determine the rendered bytes / split (stored in manifest["config"])
-RENDER_KEYS = ("seed", "num_episodes", "val_fraction", "min_steps", "max_steps", "fps",
-               "physics_hz", "image_height", "image_width", "tasks", "camera_jitter")
+RENDER_KEYS = ("seed", "num_episodes", "val_fraction", "test_episodes", "min_steps",
+               "max_steps", "fps", "physics_hz", "image_height", "image_width", "tasks",
+               "camera_jitter")
+# settings a rendered dataset may grow in: more test episodes are appended after the others
+# (ids num_episodes, num_episodes + 1, ...), so train, val and every model trained on them
+# stay as they were
+GROWABLE_KEYS = ("test_episodes",)
 # defaults of the clip reader settings, used only to check that an episode holds one clip
 # the subset that determines an episode's bytes (stored in its meta as "episode_config"):
 # an episode does not depend on how many episodes the dataset has or on the split
-EPISODE_CONFIG_KEYS = tuple(k for k in RENDER_KEYS if k not in ("num_episodes", "val_fraction"))
+EPISODE_CONFIG_KEYS = tuple(k for k in RENDER_KEYS
+                            if k not in ("num_episodes", "val_fraction", "test_episodes"))
 _CLIP_DEFAULTS = {"history": 6, "future": 5, "stride": 1}
 MAX_ATTEMPTS = 4           # redraws of an episode whose physics blew up
 _TMP_RE = re.compile(r"\.tmp-(\d+)$")
@@ -116,6 +124,7 @@ def validate_config(cfg: Any, need_root: bool = False) -> dict:
     out["seed"] = need_int("seed", lo=0)
     out["num_episodes"] = need_int("num_episodes", lo=1)
     out["val_fraction"] = need_float("val_fraction", lo=0.0, hi=1.0, hi_open=True)
+    out["test_episodes"] = need_int("test_episodes", lo=0, default=0)
     out["min_steps"] = need_int("min_steps", lo=2)
     out["max_steps"] = need_int("max_steps", lo=2)
     out["fps"] = need_int("fps", lo=1)
@@ -154,7 +163,7 @@ def validate_config(cfg: Any, need_root: bool = False) -> dict:
     if need_root and str(_get(cfg, "root", None) or "") == "":
         errors.append("data.root: missing (the dataset folder)")
     if errors:
-        raise ValueError("invalid data config: " + "; ".join(errors))
+        raise UserError("invalid data config: " + "; ".join(errors))
     return {k: out[k] for k in RENDER_KEYS}
 
 
@@ -165,9 +174,14 @@ def episode_seed(master_seed: int, episode_id: int) -> int:
 
 
 def split_of(render_cfg: Mapping[str, Any]) -> list[str]:
-    """'train' / 'val' per episode id, deterministic from the master seed (>= 1 val episode
-    when there are at least 2 episodes and val_fraction > 0; always >= 1 train episode)."""
+    """'train' / 'val' / 'test' per episode id, deterministic from the master seed.
+
+    Ids ``0 .. num_episodes-1`` are train or val (``val_fraction`` of them, drawn by a seeded
+    permutation; >= 1 val episode when there are at least 2 episodes and val_fraction > 0;
+    always >= 1 train episode); the ``test_episodes`` ids after them are test. Test episodes
+    are appended rather than drawn so that adding them to a dataset changes nothing else."""
     n, frac = int(render_cfg["num_episodes"]), float(render_cfg["val_fraction"])
+    n_test = int(render_cfg.get("test_episodes") or 0)
     n_val = int(round(frac * n))
     if frac > 0 and n >= 2:
         n_val = max(1, n_val)
@@ -175,7 +189,7 @@ def split_of(render_cfg: Mapping[str, Any]) -> list[str]:
     rng = np.random.default_rng(np.random.SeedSequence(entropy=int(render_cfg["seed"]),
                                                        spawn_key=(2 ** 31 - 1,)))
     val = set(rng.permutation(n)[:n_val].tolist())
-    return ["val" if i in val else "train" for i in range(n)]
+    return ["val" if i in val else "train" for i in range(n)] + ["test"] * n_test
 
 
 def episode_config(render_cfg: Mapping[str, Any]) -> dict:
@@ -289,7 +303,7 @@ def _render_to_file(job: tuple[dict, int, str]) -> int:
 def _mismatch_error(where: str, theirs: Mapping, ours: Mapping, root: Path) -> ValueError:
     keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     diff = ", ".join(f"{k}: {theirs.get(k)!r} on disk vs {ours.get(k)!r} now" for k in keys)
-    return ValueError(f"{where} was rendered with a different render config ({diff}). "
+    return UserError(f"{where} was rendered with a different render config ({diff}). "
                       f"Choose another data.root or delete {root} to re-render.")
 
 
@@ -374,13 +388,16 @@ def render_dataset(cfg: Any) -> Path:
             old = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError):
             old = None                                   # unreadable: rewritten at the end
-        if old is not None and old.get("config") != json.loads(json.dumps(rc)):
-            raise _mismatch_error(str(manifest_path), old.get("config") or {}, rc, root)
+        fixed = {k: v for k, v in json.loads(json.dumps(rc)).items() if k not in GROWABLE_KEYS}
+        theirs = {k: v for k, v in ((old or {}).get("config") or {}).items()
+                  if k not in GROWABLE_KEYS}
+        if old is not None and theirs != fixed:
+            raise _mismatch_error(str(manifest_path), theirs, fixed, root)
     ep_dir = root / "episodes"
     ep_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(ep_dir)
 
-    n = rc["num_episodes"]
+    n = rc["num_episodes"] + rc["test_episodes"]
     metas: dict[int, dict] = {}
     pending: list[int] = []
     for i in range(n):

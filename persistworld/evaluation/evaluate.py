@@ -19,6 +19,8 @@ Writes ``eval/<name>/summary.json``, ``frames.parquet``, ``videos/*.gif`` and
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from persistworld.data.dataset import RolloutDataset
+from persistworld.data.dataset import REPORT_SPLIT, SPLITS, RolloutDataset
+from persistworld.errors import UserError
 from persistworld.evaluation.videos import side_by_side, to_uint8, write_gif
 from persistworld.rollout.autoregressive import rollout
 from persistworld.utils.io import atomic_path, atomic_write_json
@@ -44,7 +47,7 @@ GROUP_OF_VIEW = {"ext1": "external", "ext2": "external", "wrist": "wrist"}
 
 @dataclass
 class EvalSettings:
-    split: str = "val"
+    split: str = REPORT_SPLIT     # tables and claims: test; in-training checks: val
     num_chunks: int = 14          # chunks of L frames per rollout (paper: 14 = 70 frames)
     mode: str = "autoregressive"
     max_samples: int | None = None
@@ -57,9 +60,21 @@ class EvalSettings:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"eval.mode: unknown {self.mode!r} (choose from {', '.join(MODES)})")
-        if self.num_chunks < 1:
-            raise ValueError(f"eval.num_chunks must be >= 1, got {self.num_chunks}")
+            raise UserError(f"eval.mode: unknown {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.split not in SPLITS:
+            raise UserError(f"eval.split: unknown {self.split!r} (choose from "
+                            f"{', '.join(SPLITS)})")
+        for key in ("num_chunks", "batch_size", "starts_per_episode"):
+            if int(getattr(self, key)) < 1:
+                raise UserError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("num_steps", "max_samples"):
+            v = getattr(self, key)
+            if v is not None and int(v) < 1:
+                raise UserError(f"eval.{key} must be >= 1 (null: "
+                                f"{'the model default' if key == 'num_steps' else 'all'}), "
+                                f"got {v}")
+        if int(self.num_videos) < 0:
+            raise UserError(f"eval.num_videos must be >= 0, got {self.num_videos}")
 
 
 Predictor = Callable[[dict, EvalSettings], torch.Tensor]
@@ -162,11 +177,43 @@ def _frame_rows(batch: dict, scores: dict[str, np.ndarray], future: int) -> list
     return rows
 
 
+# settings that do not change an evaluation's numbers (how many GIFs it writes)
+NEUTRAL_SETTINGS = ("num_videos",)
+
+
+def evaluation_identity(settings: EvalSettings, data_root: str | Path) -> dict:
+    """What an evaluation's numbers depend on besides the model: its settings and the
+    episodes of its split (their sha256 in the manifest)."""
+    from persistworld.utils.fingerprint import dataset_sha256
+    return {"settings": {k: v for k, v in dataclasses.asdict(settings).items()
+                         if k not in NEUTRAL_SETTINGS},
+            "data": {"split": settings.split,
+                     "sha256": dataset_sha256(data_root, (settings.split,))}}
+
+
+def is_current(out_dir: str | Path, settings: EvalSettings, data_root: str | Path) -> bool:
+    """Whether ``out_dir`` holds a finished evaluation with these settings on this data (a
+    relaunch re-evaluates instead of reporting a stale one)."""
+    path = Path(out_dir) / "summary.json"
+    if not path.exists():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    want = evaluation_identity(settings, data_root)
+    have = {k: v for k, v in (old.get("settings") or {}).items() if k not in NEUTRAL_SETTINGS}
+    return have == want["settings"] and old.get("data") == want["data"]
+
+
 def _write_scores(out_dir: Path, rows: list[dict], settings: EvalSettings, seconds: float,
-                  extra: dict | None = None) -> dict:
+                  identity: dict, extra: dict | None = None) -> dict:
     frames = pd.DataFrame(rows)
     summary = summarise(frames, settings.mode, settings.num_chunks)
     summary["seconds"] = round(seconds, 2)
+    summary["split"] = settings.split
+    summary["episodes"] = int(frames["episode"].nunique()) if len(frames) else 0
+    summary.update(identity)
     summary.update(extra or {})
     with atomic_path(out_dir / "frames.parquet") as tmp:
         frames.to_parquet(tmp, index=False)
@@ -222,8 +269,9 @@ def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | 
         summary["seconds"] = round(time.time() - t0, 2)
         return summary
     seconds = time.time() - t0
+    identity = evaluation_identity(settings, data_root)
     base_metrics = {name: _write_scores(out_dir / "baselines" / name, r, settings, 0.0,
-                                        {"baseline": name})["metrics"]
+                                        identity, {"baseline": name})["metrics"]
                     for name, r in trivial_rows.items()}
     extra = {"baselines": base_metrics} if base_metrics else {}
-    return _write_scores(out_dir, rows, settings, seconds, extra)    # summary.json last
+    return _write_scores(out_dir, rows, settings, seconds, identity, extra)  # summary.json last

@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from persistworld.evaluation.evaluate import TRIVIAL, EvalSettings, evaluate, model_predictor
+from persistworld.errors import UserError
 
 
 def settings_from(cfg_eval) -> EvalSettings:
@@ -33,8 +34,8 @@ def evaluate_model(model: str, data_cfg, s: EvalSettings, out_dir: str | Path,
         from persistworld.world_model import load_world_model
         wm = load_world_model(model).to(torch.device(device)).eval()
         if wm.future != int(data_cfg.future):
-            raise ValueError(f"data.future={data_cfg.future} but the model {model} predicts "
-                             f"{wm.future} frames per chunk")
+            raise UserError(f"data.future={data_cfg.future} but the model {model} predicts "
+                            f"{wm.future} frames per chunk")
         predictor, label = model_predictor(wm), "model"
     return evaluate(predictor, data_cfg.root, out_dir, s, future=int(data_cfg.future),
                     stride=int(data_cfg.stride), lpips_device=device, label=label,

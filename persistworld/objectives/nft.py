@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from persistworld.errors import UserError
 
 
 def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ def nft_loss(x0_theta: torch.Tensor, x0_old: torch.Tensor, x0: torch.Tensor, r: 
     of the implicit positive and negative policies (for logging).
     """
     if not 0.0 < beta:
-        raise ValueError(f"objective.beta must be > 0, got {beta}")
+        raise UserError(f"objective.beta must be > 0, got {beta}")
     x0_old = x0_old.detach()
     x0 = x0.detach()
     x0_pos = (1.0 - beta) * x0_old + beta * x0_theta

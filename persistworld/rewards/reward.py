@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from persistworld.world_model.interface import VIEWS
+from persistworld.errors import UserError
 
 VIEW_GROUPS = {"external": [VIEWS.index("ext1"), VIEWS.index("ext2")],
                "wrist": [VIEWS.index("wrist")]}
@@ -28,12 +29,12 @@ class RewardWeights:
     def __post_init__(self):
         ws = (self.w_lpips, self.w_ssim, self.w_psnr)
         if any(w < 0 for w in ws) or self.wrist_weight < 0:
-            raise ValueError(f"reward weights must be >= 0, got w_lpips={self.w_lpips}, "
-                             f"w_ssim={self.w_ssim}, w_psnr={self.w_psnr}, "
-                             f"wrist_weight={self.wrist_weight}")
+            raise UserError(f"reward weights must be >= 0, got w_lpips={self.w_lpips}, "
+                            f"w_ssim={self.w_ssim}, w_psnr={self.w_psnr}, "
+                            f"wrist_weight={self.wrist_weight}")
         if sum(ws) == 0:
-            raise ValueError("reward: w_lpips, w_ssim and w_psnr are all 0, so every candidate "
-                             "would get the same reward; set at least one > 0")
+            raise UserError("reward: w_lpips, w_ssim and w_psnr are all 0, so every candidate "
+                            "would get the same reward; set at least one > 0")
 
     @property
     def view_weights(self) -> torch.Tensor:

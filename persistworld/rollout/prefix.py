@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from persistworld.errors import UserError
 
 STRATEGIES = ("uniform", "fixed", "curriculum")
 
@@ -23,13 +24,13 @@ class PrefixSampler:
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"rollout.prefix.strategy: unknown {self.strategy!r} "
-                             f"(choose from {', '.join(STRATEGIES)})")
+            raise UserError(f"rollout.prefix.strategy: unknown {self.strategy!r} "
+                            f"(choose from {', '.join(STRATEGIES)})")
         if self.low < 0 or (self.strategy != "fixed" and self.high < self.low):
-            raise ValueError(f"rollout.prefix: need 0 <= low <= high, got low={self.low}, "
-                             f"high={self.high}")
+            raise UserError(f"rollout.prefix: need 0 <= low <= high, got low={self.low}, "
+                            f"high={self.high}")
         if self.strategy == "curriculum" and self.ramp_steps < 1:
-            raise ValueError("rollout.prefix.ramp_steps must be >= 1")
+            raise UserError("rollout.prefix.ramp_steps must be >= 1")
 
     @property
     def max_chunks(self) -> int:

@@ -44,7 +44,9 @@ from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 from optuna.trial import TrialState
 
-from persistworld.search.space import SearchSpace, SpaceError, load_space, validate_space
+from persistworld.search.space import (SEARCH_OVERRIDES, SearchSpace, SpaceError, load_space,
+                                       validate_space)
+from persistworld.errors import MissingFile
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -151,7 +153,7 @@ class _Heartbeat:
 def read_settings(study_dir: Path) -> dict:
     path = Path(study_dir) / SETTINGS
     if not path.exists():
-        raise FileNotFoundError(f"{study_dir} is not a search study directory (no {SETTINGS})")
+        raise MissingFile(f"{study_dir} is not a search study directory (no {SETTINGS})")
     return json.loads(path.read_text())
 
 
@@ -215,7 +217,7 @@ def run_trial(study: optuna.Study, space: SearchSpace, settings: dict, study_dir
     run_dir = trial_run_dir(study_dir, frozen)
     params = space.suggest(trial)
     overrides = [*space.base_overrides, *settings["overrides"], *space.overrides(params),
-                 f"run_dir={run_dir}"]
+                 *SEARCH_OVERRIDES, f"run_dir={run_dir}"]
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("worker", worker)
     trial.set_user_attr("pid", os.getpid())
@@ -256,8 +258,8 @@ def run_trial(study: optuna.Study, space: SearchSpace, settings: dict, study_dir
         e = cfg.eval
         summary = _read_json(run_dir / "eval" / f"{e.mode}_{e.num_chunks}" / "summary.json")
         if summary is None:
-            raise FileNotFoundError(f"{run_dir} finished without eval/{e.mode}_{e.num_chunks}/"
-                                    f"summary.json")
+            raise MissingFile(f"{run_dir} finished without eval/{e.mode}_{e.num_chunks}/"
+                              f"summary.json")
         values = [o.final_value(summary) for o in space.objectives]
         study.tell(trial, values if space.multi_objective else values[0])
         log(f"worker {worker}: trial {trial.number} COMPLETE {values}")

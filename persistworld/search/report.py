@@ -71,7 +71,8 @@ def _preset(trial, space, settings: dict, study_dir: Path) -> str:
         "# @package _global_",
         f"# persistworld search: trial {trial.number} of study {settings['study_name']!r} "
         f"({study_dir})",
-        f"# objectives: {values}",
+        f"# objectives: {values}, measured on the val split (the search chooses settings "
+        f"there); report this preset on test, the default eval.split",
         f"# run dir: {trial.user_attrs.get('run_dir')}",
         f"# search-wide command-line overrides (not included): {settings['overrides']}",
         f"# use: persistworld post-train --config-dir {study_dir} experiment=best "

@@ -34,6 +34,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from persistworld.errors import UserError
+
 GROUPS = ("external", "wrist")
 METRICS = ("ssim", "psnr", "lpips")
 MASKS = ("object", "robot")
@@ -43,10 +45,13 @@ SAMPLERS = ("tpe", "random", "nsgaii", "qmc", "gp", "cmaes")
 PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "threshold")
 LAUNCHERS = ("local", "slurm")
 # keys a search must not set: they are the driver's (run_dir) or the environment's
-RESERVED = ("run_dir",)
+RESERVED = ("run_dir", "eval.split")
+# a search chooses settings, so its objectives and pruning read the selection split (val);
+# the chosen settings are then reported on test by a separate run (search-report's best.yaml)
+SEARCH_OVERRIDES = ("eval.split=val",)
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError):
     """A search space that cannot run; the message names the file and the setting."""
 
 
@@ -343,7 +348,12 @@ def validate_space(space: SearchSpace, overrides: list[str] = ()) -> DictConfig:
         except (TypeError, ValueError) as e:
             raise SpaceError(f"search space {space.path}: {what} {getattr(space, what)}: {e}") \
                 from None
-    base_ov = [*space.base_overrides, *overrides]
+    reserved = [o for o in [*space.base_overrides, *overrides]
+                if o.split("=", 1)[0].lstrip("+~") in RESERVED]
+    if reserved:
+        raise SpaceError(f"search space {space.path}: {', '.join(reserved)}: set by the search "
+                         f"driver (trials are scored on the val split, each in its own run_dir)")
+    base_ov = [*space.base_overrides, *overrides, *SEARCH_OVERRIDES]
     cfg = _compose(space, base_ov, "base_overrides + command-line overrides")
     missing = object()
     for key in space.params:

@@ -11,11 +11,18 @@ a deterministic run layout) whose `hydra.sweeper.params` list the table's rows (
 presets in persistworld/conf/row/) and the seeds. The command is Hydra's own multirun
 (`persistworld post-train --multirun --config-dir sweeps --config-name NAME ...`) preceded by a
 pre-flight: every job's config is composed exactly as Hydra will compose it and checked with
-`post_train.validate`, the dataset, the episode lengths, the base model and the run directory
-(a completed run is skipped; an existing one must hold the same settings) BEFORE anything is
-submitted. Afterwards it prints each run's state; runs whose SLURM job died without writing a
-status (cancelled, killed) are marked `failed` with the SLURM state, so `persistworld report`
-lists them.
+`post_train.validate`, the dataset, the episode lengths, the base model, one start pool per
+table (rows differ only in their factor) and the run directory BEFORE anything is submitted.
+
+Run identity (utils/fingerprint.py): an existing run directory is compared by fingerprint
+(settings that change the result, the base model file's and the dataset's sha256). Same
+fingerprint: a completed run is skipped (re-evaluated when only eval.* changed), an unfinished
+one resumes, a larger trainer.steps extends it. Any other difference makes the run *stale*: the
+launch is refused before submitting anything, listing the runs and the differing settings;
+`--fresh` moves stale runs aside (`<sweep.out>/.stale/...`, never collected by reports) and
+starts them afresh. `--resubmit-failed` launches only the failed and stale runs. Afterwards it
+prints each run's state; runs whose SLURM job died without writing a status (cancelled,
+killed) are marked `failed` with the SLURM state, so `persistworld report` lists them.
 """
 from __future__ import annotations
 
@@ -28,18 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from persistworld.errors import UserError
+
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL_SLURM = ("CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "FAILED", "BOOT_FAIL",
                   "DEADLINE", "PREEMPTED")
 
 
-DEFAULT_RESUMABLE = ("trainer.steps", "trainer.progress", "trainer.ckpt_every", "trainer.device",
-                     "trainer.num_threads", "trainer.eval_every", "trainer.eval_chunks",
-                     "trainer.eval_samples", "eval", "run_dir", "data.root", "data.workers",
-                     "base_model", "overrides")
+SELECT_ENV = "PERSISTWORLD_SWEEP_SELECT"   # file listing the run dirs a launch may run
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep that cannot start: one line naming the job(s) and setting(s)."""
 
 
@@ -49,8 +55,13 @@ class Job:
     run_dir: Path
     row: str = ""
     seed: int = 0
-    plan: str = "new"                    # new | resume (step N) | skip (completed)
+    plan: str = "new"      # new | resume | extend | evaluate | skip (completed) | stale | fresh
     errors: list[str] = field(default_factory=list)
+    table: str = ""
+    start_pool: int | None = None        # chunks after every start (rollout.start_pool_chunks)
+    fingerprint: str = ""                # this launch's
+    stale: list[str] = field(default_factory=list)   # why the existing run is not this one
+    sweep_out: Path = Path(".")
 
 
 def _search_dirs(kind: str) -> list[Path]:
@@ -110,18 +121,16 @@ def _base_model_ok(path: str) -> bool:
     return p.is_file() or (p / "model.pt").is_file()
 
 
-def preflight(sweep: Path, job_overrides: list[list[str]]) -> list[Job]:
-    """Compose and check every job; nothing is submitted here."""
-    import yaml
+def preflight(sweep: Path, job_overrides: list[list[str]], fresh: bool = False) -> list[Job]:
+    """Compose and check every job; nothing is submitted here. ``fresh``: a stale run (other
+    fingerprint) is planned "fresh" instead of being an error."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from persistworld.data.dataset import EpisodeStore
-    from persistworld.trainers import post_train as pt
-    from persistworld.trainers.post_train import check_episode_lengths, validate
-    from persistworld.utils.rundir import config_differences
-    # settings allowed to change between a run and its resumption (post_train's own list)
-    resumable = getattr(pt, "RESUMABLE_CHANGES", DEFAULT_RESUMABLE)
+    from persistworld.trainers.post_train import (StaleRun, check_episode_lengths, run_plan,
+                                                  validate)
+    from persistworld.utils.fingerprint import run_identity
 
     jobs: list[Job] = []
     stores: dict[str, object] = {}
@@ -130,51 +139,86 @@ def preflight(sweep: Path, job_overrides: list[list[str]]) -> list[Job]:
             try:
                 cfg = compose(sweep.stem, ov)
             except Exception as e:        # Hydra's own message: typo'd key, wrong type, ...
-                jobs.append(Job(ov, Path("?"), errors=[str(e).splitlines()[0]]))
+                from persistworld.cli import one_line
+                jobs.append(Job(ov, Path("?"), errors=[one_line(e)]))
                 continue
-            job = Job(ov, Path(cfg.run_dir), str(cfg.sweep.row), int(cfg.seed))
+            job = Job(ov, Path(cfg.run_dir), str(cfg.sweep.row), int(cfg.seed),
+                      table=str(cfg.sweep.table), sweep_out=Path(cfg.sweep.out))
             jobs.append(job)
             try:
                 setup = validate(cfg)[0]
-            except ValueError as e:
+            except UserError as e:
                 job.errors.append(str(e))
                 continue
+            job.start_pool = setup.start_pool_chunks
             root = str(cfg.data.root)
             if not (Path(root) / "manifest.json").is_file():
                 job.errors.append(f"data.root={root}: no dataset (manifest.json missing); "
                                   f"render it with `persistworld render data.root={root}`")
-            else:
-                try:
-                    store = stores.get(root) or EpisodeStore(root)
-                    stores[root] = store
-                    check_episode_lengths(store, setup, int(cfg.data.stride))
-                except Exception as e:
-                    job.errors.append(str(e))
+                continue
+            try:
+                store = stores.get(root) or EpisodeStore(root)
+                stores[root] = store
+                check_episode_lengths(store, setup, int(cfg.data.stride))
+            except UserError as e:
+                job.errors.append(str(e))
             if not _base_model_ok(str(cfg.base_model)):
                 job.errors.append(f"base_model={cfg.base_model}: no model.pt there "
                                   f"(train one with `persistworld train-base`)")
-            status_path = job.run_dir / "status.json"
-            if status_path.exists():
-                status = json.loads(status_path.read_text() or "{}")
-                if status.get("state") == "completed":
-                    job.plan = "skip (completed)"
-                else:
-                    job.plan = f"resume ({status.get('state')} at step {status.get('step', 0)})"
-                cfg_path = job.run_dir / "config.yaml"
-                if cfg_path.exists():
-                    old = yaml.safe_load(cfg_path.read_text()) or {}
-                    diff = config_differences(old, OmegaConf.to_container(cfg, resolve=True),
-                                              resumable)
-                    if diff:
-                        job.errors.append(f"run_dir={job.run_dir} holds a run with other "
-                                          f"settings ({', '.join(diff[:6])}); change sweep.out "
-                                          f"or delete it")
+                continue
+            identity = run_identity(OmegaConf.to_container(cfg, resolve=True))
+            job.fingerprint = identity["fingerprint"]
+            try:
+                job.plan = {"new": "new", "resume": "resume", "extend": "extend",
+                            "evaluate": "evaluate", "completed": "skip (completed)"}[
+                    run_plan(job.run_dir, identity, cfg)]
+                if job.plan == "resume":
+                    st = json.loads((job.run_dir / "status.json").read_text())
+                    job.plan = f"resume ({st.get('state')} at step {st.get('step', 0)})"
+            except StaleRun as e:
+                job.stale.append(str(e))
+                job.plan = "fresh (stale run moved aside)" if fresh else "stale"
+                if not fresh:
+                    job.errors.append(str(e))
     seen: dict[Path, Job] = {}
     for job in jobs:
         if job.run_dir in seen and job.run_dir != Path("?"):
             job.errors.append(f"same run_dir as job {' '.join(seen[job.run_dir].overrides)}")
         seen[job.run_dir] = job
+    _check_start_pools(jobs)
     return jobs
+
+
+def _check_start_pools(jobs: list[Job]) -> None:
+    """The rows of one table must draw their starts from one pool (else a row differs from
+    another in where its episodes start, not only in its factor)."""
+    by_table: dict[str, set[int]] = {}
+    for j in jobs:
+        if j.start_pool is not None and j.table != "none":
+            by_table.setdefault(j.table, set()).add(j.start_pool)
+    for table, pools in by_table.items():
+        if len(pools) > 1:
+            for j in jobs:
+                if j.table == table and j.start_pool is not None:
+                    j.errors.append(f"table {table}: its rows draw starts from different pools "
+                                    f"({sorted(pools)} chunks); set rollout.start_pool_chunks="
+                                    f"{max(pools)} for every row (conf/row/{table}/)")
+
+
+def move_aside(job: Job, sweep_out: Path) -> Path:
+    """A stale run's directory -> ``<sweep_out>/.stale/<relative path>-<n>`` (hidden: never
+    collected by reports), so the run starts afresh where the sweep layout puts it."""
+    import shutil
+    try:
+        rel = job.run_dir.resolve().relative_to(sweep_out.resolve())
+    except ValueError:
+        rel = Path(job.run_dir.name)
+    n = 0
+    while (dest := sweep_out / ".stale" / f"{rel}-{n}").exists():
+        n += 1
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(job.run_dir), str(dest))
+    return dest
 
 
 # -- after the launch ------------------------------------------------------------------------
@@ -221,6 +265,71 @@ def print_jobs(jobs: list[Job], title: str, states: dict | None = None) -> None:
             print(f"        error: {e}")
 
 
+def _last_metric(run_dir: Path) -> str:
+    """The run's headline: its final external LPIPS, else its last training reward."""
+    for summary in sorted(run_dir.glob("eval/*/summary.json")):
+        try:
+            m = json.loads(summary.read_text())["metrics"]
+            return f"{summary.parent.name} ext LPIPS {m['external']['lpips']:.4f}"
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    last = None
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            for line in f:
+                last = line
+        row = json.loads(last) if last else {}
+        if "reward/mean" in row:
+            return f"reward {row['reward/mean']:.4f} at step {row['step']}"
+    except (OSError, ValueError):
+        pass
+    return "-"
+
+
+def status_rows(jobs: list[Job]) -> list[dict]:
+    """One row per run for ``--status``: state, step, fingerprint match, headline metric,
+    SLURM job and time of the last status."""
+    from persistworld.utils.fingerprint import read_identity
+    rows = []
+    for j in jobs:
+        state, error = run_state(j.run_dir) if j.run_dir != Path("?") else ("invalid", None)
+        st, rec, ident = {}, {}, None
+        try:
+            st = json.loads((j.run_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            pass
+        try:
+            rec = json.loads((j.run_dir / "job.json").read_text())
+        except (OSError, ValueError):
+            pass
+        try:
+            ident = read_identity(j.run_dir)
+        except UserError:
+            ident = {"fingerprint": "corrupt"}
+        match = ("-" if ident is None or not j.fingerprint else
+                 "same" if ident.get("fingerprint") == j.fingerprint else "STALE")
+        slurm = (f"{rec['slurm_array_job_id']}_{rec['slurm_array_task_id']}"
+                 if "slurm_array_task_id" in rec else rec.get("slurm_job_id", "-"))
+        rows.append({"run": str(j.run_dir), "state": state, "step": st.get("step", "-"),
+                     "fingerprint": match, "metric": _last_metric(j.run_dir),
+                     "slurm": slurm, "updated": st.get("updated", "-"),
+                     "error": error or ""})
+    return rows
+
+
+def print_status(jobs: list[Job], title: str) -> list[dict]:
+    rows = status_rows(jobs)
+    print(title)
+    keys = ("state", "step", "fingerprint", "slurm", "updated", "metric")
+    width = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys} if rows else {}
+    print("  " + "  ".join(f"{k:<{width[k]}}" for k in keys) + "  run")
+    for r in rows:
+        print("  " + "  ".join(f"{str(r[k]):<{width[k]}}" for k in keys) + f"  {r['run']}")
+        if r["error"]:
+            print(f"        error: {r['error']}")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="persistworld sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,38 +340,69 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(implies launcher=slurm)")
     p.add_argument("--dry-run", action="store_true", help="pre-flight only: list the jobs")
     p.add_argument("--status", action="store_true",
-                   help="print each run's state (marking runs whose SLURM job died as failed)")
+                   help="each run's state, step, fingerprint match, last metric, SLURM job and "
+                        "time (marking runs whose SLURM job died as failed)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start stale runs (other settings, base model or data than their "
+                        "directory holds) afresh; the old ones are moved to <sweep.out>/.stale/")
+    p.add_argument("--resubmit-failed", action="store_true",
+                   help="launch only the failed runs (resumed) and the stale ones (afresh)")
     args = p.parse_intermixed_args(list(argv) if argv is not None else None)
 
     try:
         sweep = find_yaml(args.name, "sweeps")
         profile = find_yaml(args.profile, "profiles") if args.profile else None
         overrides = hydra_overrides(sweep, profile, args.overrides)
-        jobs = preflight(sweep, expand(sweep, overrides))
-    except Exception as e:
-        print(f"persistworld sweep: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        jobs = preflight(sweep, expand(sweep, overrides),
+                         fresh=args.fresh or args.resubmit_failed or args.status)
+    except UserError as e:
+        from persistworld.cli import one_line
+        print(f"persistworld sweep: error: {one_line(e)}", file=sys.stderr)
         return 2
     if args.status:
-        states = [run_state(j.run_dir) for j in jobs]
-        print_jobs(jobs, f"sweep {sweep.stem}: {len(jobs)} runs", states)
-        return 0 if all(s == "completed" for s, _ in states) else 1
+        rows = print_status(jobs, f"sweep {sweep.stem}: {len(jobs)} runs")
+        return 0 if all(r["state"] == "completed" and r["fingerprint"] == "same"
+                        for r in rows) else 1
+    if args.resubmit_failed:
+        failed = {i for i, j in enumerate(jobs) if run_state(j.run_dir)[0] == "failed"}
+        selected = [i for i, j in enumerate(jobs) if i in failed or j.stale]
+    else:
+        selected = [i for i, j in enumerate(jobs) if not j.plan.startswith("skip")]
+    for i, j in enumerate(jobs):
+        if i not in selected and not j.plan.startswith("skip"):
+            j.plan = f"not selected ({j.plan})"
     bad = [j for j in jobs if j.errors]
     print_jobs(jobs, f"sweep {sweep.stem}: {len(jobs)} jobs, {len(bad)} with errors "
                      f"(pre-flight)")
     if bad:
-        print(f"persistworld sweep: error: {len(bad)} of {len(jobs)} jobs cannot run; nothing "
-              f"was submitted", file=sys.stderr)
+        stale = [j for j in bad if j.stale and len(j.errors) == len(j.stale)]
+        hint = (f"; {len(stale)} are stale: relaunch with --fresh to start them afresh (the "
+                f"old runs are kept in <sweep.out>/.stale/)" if stale else "")
+        print(f"persistworld sweep: error: {len(bad)} of {len(jobs)} jobs cannot run{hint}; "
+              f"nothing was submitted", file=sys.stderr)
         return 2
     if args.dry_run:
         return 0
-    if all(j.plan.startswith("skip") for j in jobs):
-        print("every run is completed; nothing to launch")
+    if not selected:
+        print("nothing to launch (every run is completed"
+              + (", none failed or stale)" if args.resubmit_failed else ")"))
         return 0
+    for i in selected:
+        if jobs[i].stale and jobs[i].run_dir.exists():
+            print(f"  {jobs[i].run_dir}: stale, moved to {move_aside(jobs[i], jobs[i].sweep_out)}")
 
     import hydra
 
     from persistworld.sweeps.job import sweep_job
-    saved = sys.argv
+    saved, saved_env = sys.argv, os.environ.get(SELECT_ENV)
+    launchable = [i for i, j in enumerate(jobs) if not j.plan.startswith("skip")]
+    if selected != launchable:          # a subset: the other jobs exit at once, untouched
+        from persistworld.utils.io import atomic_write_json
+        select = jobs[0].sweep_out / ".launch-select.json"
+        atomic_write_json(select, [str(jobs[i].run_dir.resolve()) for i in selected])
+        os.environ[SELECT_ENV] = str(select.resolve())
+    else:
+        os.environ.pop(SELECT_ENV, None)
     sys.argv = ["persistworld sweep", "--multirun", "--config-dir", str(sweep.parent),
                 "--config-name", sweep.stem, *overrides]
     try:
@@ -275,6 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
     finally:
         sys.argv = saved
+        if saved_env is None:
+            os.environ.pop(SELECT_ENV, None)
+        else:
+            os.environ[SELECT_ENV] = saved_env
     states = [run_state(j.run_dir) for j in jobs]
     print_jobs(jobs, f"sweep {sweep.stem}: finished", states)
     done = sum(s == "completed" for s, _ in states)

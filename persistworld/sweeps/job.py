@@ -1,6 +1,9 @@
 """The function every sweep job runs (under any Hydra launcher): one post-training run.
 
-- A completed run directory is skipped without loading anything.
+- A completed run whose fingerprint matches is skipped without loading the model; a stale one
+  fails with the differing settings (the pre-flight refuses those before any submission).
+- A launch of a subset (`persistworld sweep --resubmit-failed`) lists the selected run
+  directories in the file named by $PERSISTWORLD_SWEEP_SELECT; the other jobs exit at once.
 - `<run_dir>/job.json` records where the job runs (SLURM job id, host), so a sweep's status
   can ask SLURM about jobs that died without writing their status (cancelled, killed).
 - Under submitit on SLURM, SIGUSR2 before the time limit checkpoints at the next step boundary
@@ -50,8 +53,19 @@ def sweep_job(cfg: DictConfig) -> dict:
     from persistworld.trainers.post_train import post_train
     from persistworld.utils import preempt
 
+    from omegaconf import OmegaConf
+
+    from persistworld.sweeps.command import SELECT_ENV
+    from persistworld.trainers.post_train import run_plan
+    from persistworld.utils.fingerprint import run_identity
+
     run_dir = Path(cfg.run_dir)
-    if _status(run_dir) == "completed":
+    select = os.environ.get(SELECT_ENV)
+    if select and str(run_dir.resolve()) not in json.loads(Path(select).read_text()):
+        print(f"{run_dir}: not selected for this launch, skipped")
+        return {"run_dir": str(run_dir), "state": _status(run_dir), "skipped": True}
+    identity = run_identity(OmegaConf.to_container(cfg, resolve=True))
+    if run_plan(run_dir, identity, cfg) == "completed":
         print(f"{run_dir}: completed, skipped")
         return {"run_dir": str(run_dir), "state": "completed", "skipped": True}
     write_job_record(run_dir)

@@ -33,6 +33,7 @@ from persistworld.utils.seeding import derive_seed
 from persistworld.world_model import (MODEL_FILE, build_world_model, save_world_model,
                                       world_model_config)
 from persistworld.world_model.interface import HistoryBuffer, WorldModel
+from persistworld.errors import UserError
 
 CKPT_FORMAT = "persistworld.train_base"
 _BATCH_STREAM, _NOISE_STREAM, _VAL_STREAM = 0, 1, 2      # sub-seeds of derive_seed(seed, ...)
@@ -84,17 +85,17 @@ def validate(cfg: DictConfig) -> None:
     positive = ("steps", "batch_size", "ckpt_every", "log_every", "num_threads")
     for key in positive:
         if int(t[key]) < 1:
-            raise ValueError(f"trainer.{key} must be >= 1, got {t[key]}")
+            raise UserError(f"trainer.{key} must be >= 1, got {t[key]}")
     if float(t.lr) <= 0:
-        raise ValueError(f"trainer.lr must be > 0, got {t.lr}")
+        raise UserError(f"trainer.lr must be > 0, got {t.lr}")
     if str(t.schedule) not in SCHEDULES:
-        raise ValueError(f"trainer.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
+        raise UserError(f"trainer.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
     if int(t.eval_sample_clips) > int(t.eval_clips):
-        raise ValueError("trainer.eval_sample_clips must be <= trainer.eval_clips")
+        raise UserError("trainer.eval_sample_clips must be <= trainer.eval_clips")
     wm = world_model_config(cfg.world_model)
     if (wm.history, wm.future) != (int(cfg.data.history), int(cfg.data.future)):
-        raise ValueError(f"world_model history/future ({wm.history}, {wm.future}) must match "
-                         f"data.history/future ({cfg.data.history}, {cfg.data.future})")
+        raise UserError(f"world_model history/future ({wm.history}, {wm.future}) must match "
+                        f"data.history/future ({cfg.data.history}, {cfg.data.future})")
 
 
 def _collate(items: list[dict]) -> dict:
@@ -221,11 +222,11 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
     ckpt = run.load_latest_checkpoint(map_location=device)
     if ckpt is not None:
         if ckpt.get("format") != CKPT_FORMAT:
-            raise ValueError(f"{run.checkpoint_dir} holds checkpoints of another stage; choose "
-                             f"another run_dir")
+            raise UserError(f"{run.checkpoint_dir} holds checkpoints of another stage; choose "
+                            f"another run_dir")
         if ckpt["world_model"] != wm_config:
-            raise ValueError(f"{run.root} was trained with a different world_model config; "
-                             f"choose another run_dir (or delete it) to change the model")
+            raise UserError(f"{run.root} was trained with a different world_model config; "
+                            f"choose another run_dir (or delete it) to change the model")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
+from persistworld.errors import UserError
 
 MODES = ("auto", "off")
 
@@ -90,8 +91,8 @@ class Dist:
         """What the environment asks for, WITHOUT starting anything (so settings can be
         validated against the world size first)."""
         if mode not in MODES:
-            raise ValueError(f"trainer.distributed: unknown {mode!r} (choose from "
-                             f"{', '.join(MODES)})")
+            raise UserError(f"trainer.distributed: unknown {mode!r} (choose from "
+                            f"{', '.join(MODES)})")
         import torch.distributed as dist
         if mode == "off":
             return cls()
@@ -123,8 +124,8 @@ class Dist:
         if dist.is_initialized():
             self.backend = dist.get_backend()
             if self.backend == "nccl" and device.type != "cuda":
-                raise ValueError("trainer.device is not CUDA but the existing process group "
-                                 "uses nccl")
+                raise UserError("trainer.device is not CUDA but the existing process group "
+                                "uses nccl")
             return
         env = self._env or {}
         self.backend = "nccl" if device.type == "cuda" else "gloo"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from persistworld.errors import UserError
 
 SCHEDULES = ("none", "frozen", "copy", "paper", "linear", "affine")
 
@@ -33,10 +34,10 @@ class EMASchedule:
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"old_policy.schedule: unknown {self.schedule!r} "
-                             f"(choose from {', '.join(SCHEDULES)})")
+            raise UserError(f"old_policy.schedule: unknown {self.schedule!r} "
+                            f"(choose from {', '.join(SCHEDULES)})")
         if not 0.0 <= self.max <= 1.0:
-            raise ValueError(f"old_policy.max must be in [0, 1], got {self.max}")
+            raise UserError(f"old_policy.max must be in [0, 1], got {self.max}")
 
     def decay(self, step: int) -> float:
         s = self.schedule

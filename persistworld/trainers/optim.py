@@ -10,6 +10,7 @@ import math
 from typing import Iterable
 
 import torch
+from persistworld.errors import UserError
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -44,7 +45,7 @@ class MultiOptimizer:
 
     def load_state_dict(self, states: list[dict]) -> None:
         if len(states) != len(self.optimizers):
-            raise ValueError("optimizer checkpoint does not match the configured optimizer")
+            raise UserError("optimizer checkpoint does not match the configured optimizer")
         for opt, s in zip(self.optimizers, states):
             opt.load_state_dict(s)
 
@@ -54,7 +55,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", l
                     muon_lr: float | None = None, muon_momentum: float = 0.95) -> MultiOptimizer:
     params = [p for p in params if p.requires_grad]
     if not params:
-        raise ValueError("no trainable parameters: check the LoRA target modules")
+        raise UserError("no trainable parameters: check the LoRA target modules")
     if name == "adamw":
         return MultiOptimizer([torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
                                                  betas=tuple(betas))])
@@ -72,7 +73,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", l
             opts.append(torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay,
                                           betas=tuple(betas)))
         return MultiOptimizer(opts)
-    raise ValueError(f"optim.name: unknown {name!r} (choose from {', '.join(OPTIMIZERS)})")
+    raise UserError(f"optim.name: unknown {name!r} (choose from {', '.join(OPTIMIZERS)})")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final: float = 1.0) -> float:

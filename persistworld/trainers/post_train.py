@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from persistworld.data.dataset import EpisodeStore, RolloutDataset
+from persistworld.data.dataset import SELECTION_SPLIT, EpisodeStore, RolloutDataset
 from persistworld.objectives.nft import NFTVariant, kl_to_base, nft_loss
 from persistworld.rewards.group import best_of_n, group_advantages
 from persistworld.rewards.reward import MultiViewReward, RewardWeights
@@ -45,18 +45,15 @@ from persistworld.trainers.distributed import Dist
 from persistworld.trainers.ema import EMASchedule, ema_update
 from persistworld.trainers.optim import build_optimizer, warmup_cosine
 from persistworld.utils import preempt
-from persistworld.utils.rundir import (RunDir, config_differences, hydra_overrides, rng_state,
-                                      seed_everything, set_rng_state)
+from persistworld.utils.rundir import (RunDir, hydra_overrides, rng_state, seed_everything,
+                                      set_rng_state)
+from persistworld.utils import fingerprint
 from persistworld.utils.seeding import derive_seed
 from persistworld.world_model.interface import HistoryBuffer, WorldModel
+from persistworld.errors import UserError
 
 SIGMA_SOURCES = ("lognormal", "sampler_grid")
 SAMPLING_POLICIES = ("current", "old")
-# settings that may change when an interrupted run is resumed (the rest must match)
-RESUMABLE_CHANGES = ("trainer.steps", "trainer.progress", "trainer.ckpt_every", "trainer.device",
-                     "trainer.eval_every", "trainer.eval_chunks", "trainer.eval_samples", "eval",
-                     "run_dir", "data.root", "data.workers", "base_model",
-                     "trainer.distributed")
 
 
 class Pruned(Exception):
@@ -76,6 +73,7 @@ class Setup:
     branch_chunks: int        # F
     future: int               # L
     max_prefix_chunks: int    # max P
+    start_pool_chunks: int    # chunks every start has after it (>= max P + F): the start pool
 
     @property
     def candidates_per_step(self) -> int:
@@ -87,15 +85,18 @@ class Setup:
 
     @property
     def frames_needed(self) -> int:
-        """Ground-truth frames after the start a training sample must have."""
-        return (self.max_prefix_chunks + self.branch_chunks) * self.future
+        """Ground-truth frames after the start a training sample has (the start pool: starts
+        with at least this many frames after them; rows of one ablation table set the same
+        ``rollout.start_pool_chunks`` so that they draw from the same starts)."""
+        return self.start_pool_chunks * self.future
 
     def describe(self) -> str:
         return (f"per step: {self.batch_prefixes} prefixes x K={self.group_size} candidates = "
                 f"{self.candidates_per_step} rollouts of {self.branch_chunks} chunk(s); "
                 f"{self.kept_per_group} kept per group -> {self.update_samples_per_step} "
-                f"chunk updates; prefixes up to {self.max_prefix_chunks} chunks, so a start "
-                f"needs {self.frames_needed} frames after it")
+                f"chunk updates; prefixes up to {self.max_prefix_chunks} chunks; starts drawn "
+                f"from those with {self.start_pool_chunks} chunks ({self.frames_needed} "
+                f"frames) after them")
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler,
@@ -105,63 +106,90 @@ def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler
     ``world_size``: processes sharing the run (each takes batch_size / world_size prefixes)."""
     r = cfg.rollout
     if cfg.trainer.get("precision", "fp32") not in ("fp32", "bf16"):
-        raise ValueError(f"trainer.precision: unknown {cfg.trainer.precision!r} (choose from "
-                         f"fp32, bf16)")
+        raise UserError(f"trainer.precision: unknown {cfg.trainer.precision!r} (choose from "
+                        f"fp32, bf16)")
     K = int(r.group_size)
     if K < 2:
-        raise ValueError(f"rollout.group_size (K) must be >= 2 to normalise within a group, "
-                         f"got {K}")
+        raise UserError(f"rollout.group_size (K) must be >= 2 to normalise within a group, "
+                        f"got {K}")
     n = r.best_of_n
     if n is not None:
         n = int(n)
         if n < 1 or 2 * n > K:
-            raise ValueError(f"rollout.best_of_n={n} keeps top-{n} and bottom-{n}, which needs "
-                             f"1 <= n and 2n <= rollout.group_size={K} (null keeps all)")
+            raise UserError(f"rollout.best_of_n={n} keeps top-{n} and bottom-{n}, which needs "
+                            f"1 <= n and 2n <= rollout.group_size={K} (null keeps all)")
     if int(r.branch_chunks) < 1:
-        raise ValueError(f"rollout.branch_chunks (F) must be >= 1, got {r.branch_chunks}")
+        raise UserError(f"rollout.branch_chunks (F) must be >= 1, got {r.branch_chunks}")
     if r.sampling_policy not in SAMPLING_POLICIES:
-        raise ValueError(f"rollout.sampling_policy: unknown {r.sampling_policy!r} (choose from "
-                         f"{', '.join(SAMPLING_POLICIES)})")
+        raise UserError(f"rollout.sampling_policy: unknown {r.sampling_policy!r} (choose from "
+                        f"{', '.join(SAMPLING_POLICIES)})")
     prefix = PrefixSampler(**OmegaConf.to_container(r.prefix))
     weights = RewardWeights(**{k: float(v) for k, v in cfg.reward.items() if k != "adv_clip"})
     if float(cfg.reward.adv_clip) <= 0:
-        raise ValueError(f"reward.adv_clip must be > 0, got {cfg.reward.adv_clip}")
+        raise UserError(f"reward.adv_clip must be > 0, got {cfg.reward.adv_clip}")
     old = EMASchedule(**OmegaConf.to_container(cfg.old_policy))
     o = cfg.objective
     if float(o.beta) <= 0:
-        raise ValueError(f"objective.beta must be > 0, got {o.beta}")
+        raise UserError(f"objective.beta must be > 0, got {o.beta}")
     if o.sigma not in SIGMA_SOURCES:
-        raise ValueError(f"objective.sigma: unknown {o.sigma!r} (choose from "
-                         f"{', '.join(SIGMA_SOURCES)})")
+        raise UserError(f"objective.sigma: unknown {o.sigma!r} (choose from "
+                        f"{', '.join(SIGMA_SOURCES)})")
     if float(o.w_kl) < 0:
-        raise ValueError(f"objective.w_kl must be >= 0, got {o.w_kl}")
+        raise UserError(f"objective.w_kl must be >= 0, got {o.w_kl}")
     variant = NFTVariant(bool(o.inv_beta_scale), bool(o.adaptive_weighting),
                          float(cfg.reward.adv_clip) if o.adv_clip_scale else 1.0)
     if not 0.0 <= float(cfg.policy_ema.decay) < 1.0:
-        raise ValueError(f"policy_ema.decay must be in [0, 1), got {cfg.policy_ema.decay}")
+        raise UserError(f"policy_ema.decay must be in [0, 1), got {cfg.policy_ema.decay}")
+    steps = r.sampler_steps
+    if steps is not None and int(steps) < 1:
+        raise UserError(f"rollout.sampler_steps must be >= 1 (null: the model's default), got "
+                        f"{steps}")
     t = cfg.trainer
-    if int(t.steps) < 1 or int(t.batch_size) < 1:
-        raise ValueError("trainer.steps and trainer.batch_size must be >= 1")
+    for key in ("steps", "batch_size", "ckpt_every", "eval_chunks", "eval_samples"):
+        if int(t[key]) < 1:
+            raise UserError(f"trainer.{key} must be >= 1, got {t[key]}")
+    if int(t.eval_every or 0) < 0:
+        raise UserError(f"trainer.eval_every must be >= 0 (0: no in-training checks), got "
+                        f"{t.eval_every}")
+    if t.micro_batch is not None and int(t.micro_batch) < 1:
+        raise UserError(f"trainer.micro_batch must be >= 1 (null: all at once), got "
+                        f"{t.micro_batch}")
+    from persistworld.evaluation.run import settings_from
+    settings_from({k: v for k, v in cfg.eval.items() if k != "enabled"})   # eval.* checks
     if int(t.batch_size) % world_size:
-        raise ValueError(f"trainer.batch_size={t.batch_size} (global prefixes per step) must be "
-                         f"divisible by the number of processes ({world_size}): each process "
-                         f"takes an equal slice of the prefixes")
+        raise UserError(f"trainer.batch_size={t.batch_size} (global prefixes per step) must be "
+                        f"divisible by the number of processes ({world_size}): each process "
+                        f"takes an equal slice of the prefixes")
     if cfg.lora.rank < 1:
-        raise ValueError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
+        raise UserError(f"lora.rank must be >= 1, got {cfg.lora.rank}")
+    pool = r.get("start_pool_chunks")
     setup = Setup(int(t.batch_size), K, K if n is None else 2 * n, int(r.branch_chunks),
-                  int(cfg.data.future), prefix.max_chunks)
+                  int(cfg.data.future), prefix.max_chunks,
+                  prefix.max_chunks + int(r.branch_chunks) if pool is None else int(pool))
+    if setup.start_pool_chunks < prefix.max_chunks + setup.branch_chunks:
+        raise UserError(f"rollout.start_pool_chunks={pool} is shorter than the longest prefix "
+                        f"plus branch ({prefix.max_chunks} + {setup.branch_chunks} chunks): "
+                        f"every start must have that many chunks after it")
     return setup, prefix, weights, old, variant
+
+
+def start_pool(data_cfg, setup: Setup) -> RolloutDataset:
+    """S0's pool: every train (episode, start) with ``setup.start_pool_chunks`` chunks of
+    ground truth after it (prefix and branches use the first P + F of them)."""
+    return RolloutDataset(data_cfg.root, "train", setup.start_pool_chunks, setup.future,
+                          int(data_cfg.stride), starts_per_episode=None)
 
 
 def check_episode_lengths(store: EpisodeStore, setup: Setup, stride: int) -> None:
     longest = max(store.entry(e)["num_steps"] for e in store.episode_ids("train"))
     need = setup.frames_needed * stride + 1
     if need > longest:
-        raise ValueError(f"a prefix of up to {setup.max_prefix_chunks} chunks plus "
-                         f"rollout.branch_chunks={setup.branch_chunks} needs {need} frames, but "
-                         f"the longest training episode has {longest}: lower "
-                         f"rollout.prefix.high / rollout.branch_chunks or render longer "
-                         f"episodes")
+        raise UserError(f"a start pool of {setup.start_pool_chunks} chunks (prefix up to "
+                        f"{setup.max_prefix_chunks} + rollout.branch_chunks="
+                        f"{setup.branch_chunks}, or rollout.start_pool_chunks) needs {need} "
+                        f"frames, but the longest training episode has {longest}: lower "
+                        f"rollout.prefix.high / rollout.branch_chunks / "
+                        f"rollout.start_pool_chunks or render longer episodes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +205,7 @@ def add_lora(model: WorldModel, rank: int, alpha: float, target_modules: list[st
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                            target_modules=list(target_modules)), unet)
     except ValueError as e:
-        raise ValueError(f"lora.target_modules={list(target_modules)}: {e}") from e
+        raise UserError(f"lora.target_modules={list(target_modules)}: {e}") from e
     trainable = []
     for name, p in model.named_parameters():
         is_adapter = "lora_" in name
@@ -186,8 +214,8 @@ def add_lora(model: WorldModel, rank: int, alpha: float, target_modules: list[st
         if p.requires_grad:
             trainable.append(name)
     if not any("lora_" in n for n in trainable):
-        raise ValueError(f"lora.target_modules={list(target_modules)} matched no module of the "
-                         f"world model's UNet")
+        raise UserError(f"lora.target_modules={list(target_modules)} matched no module of the "
+                        f"world model's UNet")
     return trainable
 
 
@@ -254,10 +282,9 @@ class PostTrainer:
         o = cfg.optim
         self.opt = build_optimizer([p for p in self.policy.parameters() if p.requires_grad],
                                    o.name, float(o.lr), float(o.weight_decay))
-        self.data = RolloutDataset(cfg.data.root, "train", self.setup.max_prefix_chunks
-                                   + self.setup.branch_chunks, self.setup.future,
-                                   int(cfg.data.stride), starts_per_episode=None)
+        self.data = start_pool(cfg.data, self.setup)
         self.step = 0
+        self.identity = fingerprint.run_identity(OmegaConf.to_container(cfg, resolve=True))
         # created only once the settings have passed, and only by rank 0 (the others never
         # write the run directory; they get rank 0's checkpoint through the process group)
         self.run = RunDir(cfg.run_dir) if self.dist.is_main else None
@@ -465,6 +492,7 @@ class PostTrainer:
             return self.finish()            # killed during the final evaluation: redo only that
         if d.is_main:
             run.write_config(OmegaConf.to_yaml(cfg, resolve=True), self.overrides)
+            self.record_identity()
         if ckpt is not None:
             self.load(ckpt)
             if d.is_main:
@@ -548,14 +576,22 @@ class PostTrainer:
     def plan_start(self) -> tuple[str, dict | None]:
         """(rank 0) "completed", "finish" (only the final evaluation is left) or "train" with
         the checkpoint to resume from (None: from scratch)."""
-        if self.run.is_completed():
+        plan = run_plan(self.run.root, self.identity, self.cfg)
+        if plan == "completed":
             return "completed", None
-        if self.final_model_written():
+        if plan == "evaluate" or (plan == "resume" and self.final_model_written()):
+            self.step = int(self.run.read_status().get("step", 0) or 0)
             return "finish", None
-        ckpt = self.run.load_latest_checkpoint()
-        if ckpt is not None:
-            self.check_same_config()
-        return "train", ckpt
+        if plan == "extend":             # more steps of the same run: its old results go
+            self.run.set_status("running", int(self.run.read_status().get("step", 0)))
+            for stale in ("model.pt", "eval"):
+                path = self.run.root / stale
+                if path.is_dir():
+                    import shutil
+                    shutil.rmtree(path)
+                path.unlink(missing_ok=True) if path.is_file() else None
+            self.run.log(f"extending to trainer.steps={self.identity['steps']}")
+        return "train", self.run.load_latest_checkpoint()
 
     def check_and_report(self) -> None:
         """(rank 0) S6b: the in-training check, logged, then the on_eval callback."""
@@ -578,8 +614,20 @@ class PostTrainer:
                 raise AssertionError(f"step {self.step}: the weights of rank {rank} differ "
                                      f"from rank 0's (data-parallel replicas diverged)")
 
-    def check_same_config(self) -> None:
-        check_same_settings(self.run.root, self.cfg)
+    def record_identity(self) -> None:
+        """(rank 0) fingerprint.json, and the fingerprint and code version in every status; a
+        change of code alone since the run started is logged and kept in the status."""
+        old = fingerprint.read_identity(self.run.root)
+        ident = dict(self.identity)
+        if old is not None and old.get("code") != ident["code"]:
+            ident["code_history"] = [*old.get("code_history", [old.get("code")]), ident["code"]]
+            self.run.log(f"code changed since the run started: {old.get('code')} -> "
+                         f"{ident['code']} (same settings, base model and data)")
+        fingerprint.write_identity(self.run.root, ident)
+        self.run.status_extra = {"fingerprint": ident["fingerprint"][:16],
+                                 "code": ident["code"],
+                                 **({"code_history": ident["code_history"]}
+                                    if "code_history" in ident else {})}
 
     def check_frozen(self) -> None:
         if self.step in (1, int(self.cfg.trainer.steps)):
@@ -592,7 +640,7 @@ class PostTrainer:
         from persistworld.evaluation.evaluate import EvalSettings, evaluate, flat_metrics
         from persistworld.evaluation.evaluate import model_predictor
         e = self.cfg.eval
-        s = EvalSettings(split=e.split, num_chunks=int(self.cfg.trainer.eval_chunks),
+        s = EvalSettings(split=SELECTION_SPLIT, num_chunks=int(self.cfg.trainer.eval_chunks),
                          max_samples=int(self.cfg.trainer.eval_samples), batch_size=e.batch_size,
                          num_steps=e.num_steps, seed=int(e.seed), num_videos=0, masked=False)
         model = self.ema if self.ema is not None else self.policy
@@ -603,7 +651,10 @@ class PostTrainer:
 
     # -- S7: the post-trained model and its own evaluation ----------------------------------
     def final_model_written(self) -> bool:
-        return self.run.read_status().get("state") == "evaluating" and (self.run.root / "model.pt").exists()
+        """model.pt is this run's final model (written, then the status moved on from
+        running); only its evaluation may be left to do."""
+        return self.run.read_status().get("state") in ("evaluating", "completed") \
+            and (self.run.root / "model.pt").exists()
 
     def finish(self) -> Path:
         from persistworld.evaluation.run import evaluate_model, settings_from
@@ -621,9 +672,10 @@ class PostTrainer:
             return path                     # the final evaluation is rank 0's alone
         e = self.cfg.eval
         if e.enabled:
+            from persistworld.evaluation.evaluate import is_current
             s = settings_from({k: v for k, v in e.items() if k != "enabled"})
             out = self.run.eval_dir(f"{s.mode}_{s.num_chunks}")
-            if not (out / "summary.json").exists():
+            if not is_current(out, s, self.cfg.data.root):
                 try:
                     evaluate_model(str(path), self.cfg.data, s, out, str(self.device))
                 except BaseException as err:
@@ -650,20 +702,47 @@ def load_named(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         params[n].copy_(v)
 
 
-def check_same_settings(run_dir: str | Path, cfg: DictConfig,
-                        ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> None:
-    """Resuming (or reusing) a run with different training settings would silently mix two
-    runs: raise naming the settings that differ from ``run_dir/config.yaml``."""
-    import yaml
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        return
-    old = yaml.safe_load(path.read_text()) or {}
-    diff = config_differences(old, OmegaConf.to_container(cfg, resolve=True), ignore)
+def run_plan(run_dir: str | Path, identity: dict, cfg: DictConfig) -> str:
+    """What a (re)launch does with ``run_dir``: "new", "resume" (same fingerprint, not
+    finished), "extend" (completed, same fingerprint, more trainer.steps), "evaluate" (completed,
+    but its final evaluation is missing or was made with other eval settings or data) or
+    "completed". Any other difference raises ``StaleRun`` naming the settings: a relaunch never
+    reports (or continues) a run that is not the one asked for."""
+    root = Path(run_dir)
+    status = RunDir(root).read_status() if (root / "status.json").exists() else {}
+    old = fingerprint.read_identity(root)
+    if old is None:
+        if not status and not (root / "config.yaml").exists():
+            return "new"
+        raise StaleRun(f"{root} holds a run without a fingerprint (made by an older "
+                       f"persistworld, or not by post-train): it cannot be checked against "
+                       f"these settings; delete it, choose another run_dir, or relaunch the "
+                       f"sweep with --fresh")
+    diff = fingerprint.differences(old, identity)
     if diff:
-        raise ValueError(f"{run_dir} holds a run with different settings "
-                         f"({', '.join(diff[:8])}); use the same settings, or choose another "
-                         f"run_dir")
+        raise StaleRun(f"{root} holds a run with other settings ({', '.join(diff[:8])}); use "
+                       f"the same settings, choose another run_dir, or relaunch the sweep "
+                       f"with --fresh (starts such runs afresh, keeping the old ones aside)")
+    done = int(status.get("step", 0) or 0)
+    if identity["steps"] < done:
+        raise StaleRun(f"{root} has trained {done} steps but trainer.steps={identity['steps']}"
+                       f": a shorter run is another run; choose another run_dir (or --fresh)")
+    if status.get("state") != "completed":
+        return "resume" if status else "new"
+    if identity["steps"] > done:
+        return "extend"
+    e = cfg.eval
+    if e.enabled:
+        from persistworld.evaluation.evaluate import is_current
+        from persistworld.evaluation.run import settings_from
+        s = settings_from({k: v for k, v in e.items() if k != "enabled"})
+        if not is_current(root / "eval" / f"{s.mode}_{s.num_chunks}", s, cfg.data.root):
+            return "evaluate"
+    return "completed"
+
+
+class StaleRun(UserError):
+    """A run directory holds another run than the one asked for (its fingerprint differs)."""
 
 
 def post_train(cfg: DictConfig, on_eval=None, overrides: list[str] | None = None) -> Path:
@@ -672,14 +751,13 @@ def post_train(cfg: DictConfig, on_eval=None, overrides: list[str] | None = None
     Under torchrun / srun with several tasks (trainer.distributed=auto) every process calls
     this; they share the run (see trainers/distributed.py)."""
     dist = Dist.plan(str(cfg.trainer.get("distributed", "auto")))
-    status = Path(cfg.run_dir) / "status.json"
-    if not dist.enabled and status.exists() and RunDir(cfg.run_dir).is_completed() \
-            and (Path(cfg.run_dir) / "model.pt").exists():
-        check_same_settings(cfg.run_dir, cfg, tuple(k for k in RESUMABLE_CHANGES
-                                                    if k != "trainer.steps"))
-        print(f"{cfg.run_dir} is already completed; nothing to do (delete it or choose "
-              f"another run_dir to train again)")
-        return Path(cfg.run_dir) / "model.pt"
+    if not dist.enabled:                 # a completed run: nothing is loaded
+        validate(cfg)
+        identity = fingerprint.run_identity(OmegaConf.to_container(cfg, resolve=True))
+        if run_plan(cfg.run_dir, identity, cfg) == "completed":
+            print(f"{cfg.run_dir} is already completed; nothing to do (delete it or choose "
+                  f"another run_dir to train again)")
+            return Path(cfg.run_dir) / "model.pt"
     try:
         trainer = PostTrainer(cfg, overrides, dist)
         trainer.on_eval = on_eval

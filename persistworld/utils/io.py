@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+from persistworld.errors import UserError
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamp -> byte-identical files
 
@@ -71,7 +72,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             if i >= len(lines) - 2:  # only the final line may be torn
                 break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+            raise UserError(f"{path}: line {i + 1} is not valid JSON") from None
     return rows
 
 

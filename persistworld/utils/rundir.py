@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from persistworld.utils.io import append_jsonl, atomic_path, atomic_write_json, atomic_write_text
+from persistworld.errors import UserError
 
 _CKPT_RE = re.compile(r"^step_(\d{6,})\.pt$")
 
@@ -31,6 +32,7 @@ class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.status_extra: dict = {}     # written into every status (fingerprint, code)
 
     # -- paths ---------------------------------------------------------------------------
     @property
@@ -59,14 +61,14 @@ class RunDir:
         try:
             return json.loads(self.status_path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{self.status_path} is corrupt ({e}); delete it to rerun") from e
+            raise UserError(f"{self.status_path} is corrupt ({e}); delete it to rerun") from e
 
     def set_status(self, state: str, step: int = 0, error: str | None = None, **extra) -> None:
         assert state in ("running", "evaluating", "completed", "failed", "interrupted",
                          "pruned"), state
         atomic_write_json(self.status_path, {"state": state, "step": int(step), "error": error,
                                              "updated": _now(), "host": socket.gethostname(),
-                                             **extra})
+                                             **self.status_extra, **extra})
 
     def is_completed(self) -> bool:
         return self.read_status().get("state") == "completed"

@@ -15,6 +15,7 @@ import torch
 from persistworld.world_model import edm
 from persistworld.world_model.embedded import ActionEncoder, EmbeddedConfig, EmbeddedWorldModel
 from persistworld.world_model.interface import VIEWS, HistoryBuffer, WorldModel
+from persistworld.errors import MissingFile, UserError
 
 MODEL_FILE = "model.pt"
 FORMAT = "persistworld.world_model"
@@ -41,8 +42,8 @@ def world_model_config(cfg: Any):
     plain = _plain(cfg)
     name = plain.get("name", "embedded")
     if name not in BACKENDS:
-        raise ValueError(f"world_model.name={name!r} is not a known backend; known: "
-                         f"{sorted(BACKENDS)}")
+        raise UserError(f"world_model.name={name!r} is not a known backend; known: "
+                        f"{sorted(BACKENDS)}")
     return BACKENDS[name][0].from_mapping(plain)
 
 
@@ -75,14 +76,14 @@ def load_world_model(path_or_run_dir: str | Path, map_location: str | torch.devi
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.exists():
-        raise FileNotFoundError(f"no world model at {path}: train one with "
-                                f"`persistworld train-base` (it writes <run_dir>/{MODEL_FILE})")
+        raise MissingFile(f"no world model at {path}: train one with "
+                          f"`persistworld train-base` (it writes <run_dir>/{MODEL_FILE})")
     try:
         blob = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 - name the file and the fix
-        raise ValueError(f"{path} cannot be read as a world model ({e})") from e
+        raise UserError(f"{path} cannot be read as a world model ({e})") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a persistworld world model file (no format marker)")
+        raise UserError(f"{path} is not a persistworld world model file (no format marker)")
     model = build_world_model(blob["config"])
     model.load_state_dict(blob["state_dict"])
     return model.eval()
@@ -104,8 +105,8 @@ def export_world_model(source: str | Path, out: str | Path, half: bool = True,
     if sampler:
         bad = sorted(set(sampler) - set(SAMPLER_KEYS))
         if bad:
-            raise ValueError(f"--sampler {', '.join(bad)}: only sampler settings may change "
-                             f"after training ({', '.join(SAMPLER_KEYS)})")
+            raise UserError(f"--sampler {', '.join(bad)}: only sampler settings may change "
+                            f"after training ({', '.join(SAMPLER_KEYS)})")
         cfg = type(model.cfg).from_mapping({**model.config_dict(), **sampler})
         model.cfg = cfg
     sd = {k: (v.half() if half and v.is_floating_point() else v)

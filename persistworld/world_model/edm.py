@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from persistworld.errors import UserError
 
 # Defaults used by Ctrl-World's training noise distribution (METHOD.md §1).
 P_MEAN = 0.7
@@ -90,9 +91,9 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float,
     """(num_steps + 1,) decreasing noise levels sigma_max ... sigma_min, then a final 0 (Karras et
     al. 2022, eq. 5): sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho."""
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise UserError(f"num_steps must be >= 1, got {num_steps}")
     if not 0 < sigma_min <= sigma_max:
-        raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
+        raise UserError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
     if num_steps == 1:
         ramp = torch.zeros(1, dtype=torch.float64)
     else:

@@ -51,6 +51,7 @@ from torch import nn
 
 from persistworld.world_model import edm
 from persistworld.world_model.interface import VIEWS, HistoryBuffer, WorldModel
+from persistworld.errors import UserError
 
 X0_ANCHORS = ("none", "last_frame")
 _UP_BLOCK = {"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}
@@ -105,7 +106,7 @@ class EmbeddedConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise ValueError(f"unknown world_model settings {unknown}; known: {sorted(known)}")
+            raise UserError(f"unknown world_model settings {unknown}; known: {sorted(known)}")
         out = cls(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.items()})
         out.validate()
         return out
@@ -113,41 +114,41 @@ class EmbeddedConfig:
     def validate(self) -> None:
         p = self.patch
         if self.image_height % p or self.image_width % p:
-            raise ValueError(f"world_model.patch={p} must divide the image size "
-                             f"{self.image_height}x{self.image_width}")
+            raise UserError(f"world_model.patch={p} must divide the image size "
+                            f"{self.image_height}x{self.image_width}")
         if len(self.block_out_channels) != len(self.down_block_types):
-            raise ValueError("world_model.block_out_channels and world_model.down_block_types "
-                             "must have the same length")
+            raise UserError("world_model.block_out_channels and world_model.down_block_types "
+                            "must have the same length")
         bad = [b for b in self.down_block_types if b not in _UP_BLOCK]
         if bad:
-            raise ValueError(f"world_model.down_block_types: unsupported {bad}; use "
-                             f"{sorted(_UP_BLOCK)}")
+            raise UserError(f"world_model.down_block_types: unsupported {bad}; use "
+                            f"{sorted(_UP_BLOCK)}")
         levels = len(self.block_out_channels) - 1
         hs, ws = self.views * self.image_height // p, self.image_width // p
         if hs % 2 ** levels or ws % 2 ** levels:
-            raise ValueError(f"the {hs}x{ws} latent grid must be divisible by 2^{levels} for "
-                             f"{levels + 1} UNet levels: lower world_model.patch or use fewer "
-                             f"levels")
+            raise UserError(f"the {hs}x{ws} latent grid must be divisible by 2^{levels} for "
+                            f"{levels + 1} UNet levels: lower world_model.patch or use fewer "
+                            f"levels")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ValueError(f"world_model.norm_num_groups={self.norm_num_groups} must divide "
-                             f"every block_out_channels {self.block_out_channels}")
+            raise UserError(f"world_model.norm_num_groups={self.norm_num_groups} must divide "
+                            f"every block_out_channels {self.block_out_channels}")
         if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError("need 0 < world_model.sigma_min < world_model.sigma_max")
+            raise UserError("need 0 < world_model.sigma_min < world_model.sigma_max")
         if self.x0_anchor not in X0_ANCHORS:
-            raise ValueError(f"world_model.x0_anchor must be one of {X0_ANCHORS}, got "
-                             f"{self.x0_anchor!r}")
+            raise UserError(f"world_model.x0_anchor must be one of {X0_ANCHORS}, got "
+                            f"{self.x0_anchor!r}")
         if self.sampler not in edm.SAMPLERS:
-            raise ValueError(f"world_model.sampler must be one of {sorted(edm.SAMPLERS)}, got "
-                             f"{self.sampler!r}")
+            raise UserError(f"world_model.sampler must be one of {sorted(edm.SAMPLERS)}, got "
+                            f"{self.sampler!r}")
         if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
-            raise ValueError("world_model.conv_in_kernel / conv_out_kernel must be odd")
+            raise UserError("world_model.conv_in_kernel / conv_out_kernel must be odd")
         if self.frame_head < 0 or self.unet_out_channels < 1:
-            raise ValueError("need world_model.frame_head >= 0 and world_model.unet_out_channels "
-                             ">= 1")
+            raise UserError("need world_model.frame_head >= 0 and world_model.unet_out_channels "
+                            ">= 1")
         if self.sigma_data <= 0:
-            raise ValueError(f"world_model.sigma_data must be > 0, got {self.sigma_data}")
+            raise UserError(f"world_model.sigma_data must be > 0, got {self.sigma_data}")
         if self.pixel_std <= 0 or self.history_noise < 0:
-            raise ValueError("need world_model.pixel_std > 0 and world_model.history_noise >= 0")
+            raise UserError("need world_model.pixel_std > 0 and world_model.history_noise >= 0")
 
     @property
     def channels(self) -> int:
@@ -328,8 +329,8 @@ class EmbeddedWorldModel(WorldModel):
                 future_actions: torch.Tensor) -> torch.Tensor:
         """x_sigma (B, L, C, Hs, Ws), sigma (B,) -> x0_hat (B, L, C, Hs, Ws). Differentiable."""
         if buffer.latents.shape[1] != self.history or future_actions.shape[1] != self.future:
-            raise ValueError(f"expected {self.history} history and {self.future} future frames, "
-                             f"got {buffer.latents.shape[1]} and {future_actions.shape[1]}")
+            raise UserError(f"expected {self.history} history and {self.future} future frames, "
+                            f"got {buffer.latents.shape[1]} and {future_actions.shape[1]}")
         sigma = sigma.reshape(-1).expand(x_sigma.shape[0]).to(x_sigma)
         anchor = self.anchor(buffer)                                     # (B, 1, C, Hs, Ws) or 0
         return anchor + edm.precondition(

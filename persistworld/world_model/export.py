@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from persistworld.world_model import export_world_model
+from persistworld.errors import MissingFile, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     for item in a.sampler:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--sampler {item!r}: expected KEY=VALUE")
+            raise UserError(f"--sampler {item!r}: expected KEY=VALUE")
         sampler[key] = yaml.safe_load(value)
     run = Path(a.run_dir)
     config = run / "config.yaml"
     if not config.exists():
-        raise FileNotFoundError(f"{config} is missing: export-model needs a run directory made "
-                                f"by `persistworld train-base` or `post-train`")
+        raise MissingFile(f"{config} is missing: export-model needs a run directory made "
+                          f"by `persistworld train-base` or `post-train`")
     data = (yaml.safe_load(config.read_text()) or {}).get("data", {})
     data.pop("root", None)
     data.pop("workers", None)

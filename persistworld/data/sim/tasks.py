@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from persistworld.data.sim.scene import HOME_POS, WORKSPACE_X, WORKSPACE_Y, SceneSpec
+from persistworld.errors import UserError
 
 TASKS: tuple[str, ...] = ("pick_place", "push")
 
@@ -64,7 +65,7 @@ class ScriptedPolicy:
     def __init__(self, task: str, spec: SceneSpec, rng: np.random.Generator, fps: float,
                  start_pos: np.ndarray, start_rot: np.ndarray):
         if task not in TASKS:
-            raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+            raise UserError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
         self.task, self.spec, self.rng, self.fps = task, spec, rng, float(fps)
         self.target_pos = np.asarray(start_pos, dtype=np.float64).copy()
         self.target_rot = np.asarray(start_rot, dtype=np.float64).copy()
