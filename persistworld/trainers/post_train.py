@@ -491,8 +491,8 @@ class PostTrainer:
         if what == "finish":
             return self.finish()            # killed during the final evaluation: redo only that
         if d.is_main:
+            self.record_identity()          # first: a config.yaml never lacks its fingerprint
             run.write_config(OmegaConf.to_yaml(cfg, resolve=True), self.overrides)
-            self.record_identity()
         if ckpt is not None:
             self.load(ckpt)
             if d.is_main:
@@ -584,12 +584,9 @@ class PostTrainer:
             return "finish", None
         if plan == "extend":             # more steps of the same run: its old results go
             self.run.set_status("running", int(self.run.read_status().get("step", 0)))
-            for stale in ("model.pt", "eval"):
-                path = self.run.root / stale
-                if path.is_dir():
-                    import shutil
-                    shutil.rmtree(path)
-                path.unlink(missing_ok=True) if path.is_file() else None
+            import shutil
+            (self.run.root / "model.pt").unlink(missing_ok=True)
+            shutil.rmtree(self.run.root / "eval", ignore_errors=True)
             self.run.log(f"extending to trainer.steps={self.identity['steps']}")
         return "train", self.run.load_latest_checkpoint()
 
