@@ -217,6 +217,17 @@ def test_fingerprint_is_recorded_with_the_code_version(uninterrupted):
     assert status["fingerprint"] == ident["fingerprint"][:16] and status["code"] == ident["code"]
 
 
+def test_in_training_checks_do_not_change_the_trained_weights(uninterrupted, tiny_dataset,
+                                                              base_model, tmp_path):
+    """trainer.eval_every is left out of the fingerprint (utils/fingerprint.py NEUTRAL): a run
+    without in-training checks must end with the same weights as one with them."""
+    unchecked = tmp_path / "unchecked"
+    _post(_post_overrides(tiny_dataset, base_model, unchecked, ["trainer.eval_every=0"]))
+    assert _rows(uninterrupted, "eval") and not _rows(unchecked, "eval")
+    a, b = _weights(uninterrupted), _weights(unchecked)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_more_steps_extend_a_completed_run_exactly(uninterrupted, tiny_dataset, base_model,
                                                    tmp_path):
     extended = _copy_run(uninterrupted, tmp_path / "extended")

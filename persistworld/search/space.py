@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from persistworld.data.dataset import SELECTION_SPLIT
 from persistworld.errors import UserError
 
 GROUPS = ("external", "wrist")
@@ -48,7 +49,7 @@ LAUNCHERS = ("local", "slurm")
 RESERVED = ("run_dir", "eval.split")
 # a search chooses settings, so its objectives and pruning read the selection split (val);
 # the chosen settings are then reported on test by a separate run (search-report's best.yaml)
-SEARCH_OVERRIDES = ("eval.split=val",)
+SEARCH_OVERRIDES = (f"eval.split={SELECTION_SPLIT}",)
 
 
 class SpaceError(UserError):

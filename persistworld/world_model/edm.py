@@ -107,6 +107,28 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float,
 
 
 # ---- sampler -------------------------------------------------------------------------------
+def _ode_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                noise: torch.Tensor, sigmas: torch.Tensor, second_order: bool) -> torch.Tensor:
+    """Deterministic integration of the probability-flow ODE dx/dsigma = (x - D(x)) / sigma,
+    first order (Euler) or with EDM's second-order (Heun) correction; see the two samplers."""
+    B = noise.shape[0]
+    x = noise * sigmas[0].to(noise.dtype)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0_hat = denoise_fn(x, sigma.expand(B).to(noise.dtype))
+        if sigma_next == 0:
+            x = x0_hat
+            continue
+        d = (x - x0_hat) / sigma                            # dx/dsigma
+        x_next = x + (sigma_next - sigma) * d
+        if second_order:
+            d_next = (x_next - denoise_fn(x_next, sigma_next.expand(B).to(noise.dtype))) \
+                / sigma_next
+            x_next = x + (sigma_next - sigma) * 0.5 * (d + d_next)
+        x = x_next
+    return x
+
+
 def euler_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Deterministic Euler integration of the probability-flow ODE dx/dsigma = (x - D(x)) / sigma.
@@ -118,17 +140,7 @@ def euler_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     The last step, to sigma = 0, is written as x = D(x; sigma_{N-1}), which equals the Euler
     update x + (0 - sigma) (x - D) / sigma in exact arithmetic and avoids its rounding.
     """
-    B = noise.shape[0]
-    x = noise * sigmas[0].to(noise.dtype)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0_hat = denoise_fn(x, sigma.expand(B).to(noise.dtype))
-        if sigma_next == 0:
-            x = x0_hat
-        else:
-            d = (x - x0_hat) / sigma                        # dx/dsigma
-            x = x + (sigma_next - sigma) * d
-    return x
+    return _ode_sample(denoise_fn, noise, sigmas, second_order=False)
 
 
 def heun_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -137,20 +149,7 @@ def heun_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     churn): an Euler step to sigma_{i+1}, then the average of the slopes at both ends; the last
     step, to sigma = 0, is a plain Euler step (x = D). 2N - 1 denoiser calls for N steps.
     Same arguments and randomness as ``euler_sample``."""
-    B = noise.shape[0]
-    x = noise * sigmas[0].to(noise.dtype)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0_hat = denoise_fn(x, sigma.expand(B).to(noise.dtype))
-        if sigma_next == 0:
-            x = x0_hat
-            continue
-        d = (x - x0_hat) / sigma
-        x_euler = x + (sigma_next - sigma) * d
-        d_next = (x_euler - denoise_fn(x_euler, sigma_next.expand(B).to(noise.dtype))) \
-            / sigma_next
-        x = x + (sigma_next - sigma) * 0.5 * (d + d_next)
-    return x
+    return _ode_sample(denoise_fn, noise, sigmas, second_order=True)
 
 
 SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
