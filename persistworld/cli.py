@@ -49,6 +49,8 @@ PLAIN_COMMANDS: dict[str, tuple[str, str]] = {
               "run a paper ablation sweep (sweeps/NAME.yaml): pre-flight, then Hydra multirun"),
     "export-model": ("persistworld.world_model.export:main",
                      "write a compact (float16) copy of a trained model.pt to ship or share"),
+    "study": ("persistworld.study.cli:main",
+              "the human 2AFC preference study: create | serve | report (paper App. D)"),
     "fetch-lpips": ("persistworld.cli:fetch_lpips_main",
                     "download the genuine LPIPS (AlexNet v0.1) weights into the local cache"),
 }

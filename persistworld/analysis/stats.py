@@ -752,6 +752,105 @@ def preference_study(votes: pd.DataFrame, rng: np.random.Generator, *, item: str
     return out
 
 
+def proportion_interval(successes: int, n: int, *, level: float = 0.95,
+                        alternative: str = "two-sided") -> dict[str, float]:
+    """Wilson score and Clopper-Pearson (exact) intervals of a proportion
+    (``scipy.stats.binomtest(...).proportion_ci``); ``alternative="greater"`` gives the
+    one-sided lower bounds (upper end 1), as the paper's "95% CI [72%, 100%]" is written."""
+    if n == 0:
+        return {"wilson_low": math.nan, "wilson_high": math.nan, "cp_low": math.nan,
+                "cp_high": math.nan}
+    res = sps.binomtest(int(successes), int(n), 0.5, alternative=alternative)
+    w = res.proportion_ci(confidence_level=level, method="wilson")
+    cp = res.proportion_ci(confidence_level=level, method="exact")
+    return {"wilson_low": float(w.low), "wilson_high": float(w.high), "cp_low": float(cp.low),
+            "cp_high": float(cp.high)}
+
+
+def elo_over_orders(matches: pd.DataFrame | Iterable[tuple[str, str]], rng: np.random.Generator,
+                    *, n_orders: int = 1_000, level: float = 0.95, start: float = 800.0,
+                    k: float = 32.0) -> pd.DataFrame:
+    """Elo with the order effect removed: ``elo_ratings`` (start 800, K = 32, paper App. D) over
+    ``n_orders`` seeded random orders of the same votes; ``elo`` is the mean final rating and
+    ``low``/``high`` the spread over orders (percentiles at ``level``). This measures how much
+    the casting order moves the rating, not sampling uncertainty (``bradley_terry`` with its
+    bootstrap does that). Returns ``player, elo, low, high, elo_recorded_order``."""
+    seq = _as_matches(matches)
+    players = sorted({p for m in seq for p in m})
+    recorded = elo_ratings(seq, start=start, k=k, players=players).ratings
+    finals = np.empty((n_orders, len(players)))
+    for b in range(n_orders):
+        order = rng.permutation(len(seq))
+        r = elo_ratings([seq[i] for i in order], start=start, k=k, players=players).ratings
+        finals[b] = [r[p] for p in players]
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(finals, [alpha, 1 - alpha], axis=0)
+    return pd.DataFrame({"player": players, "elo": finals.mean(0), "low": lo, "high": hi,
+                         "elo_recorded_order": [recorded[p] for p in players]})
+
+
+def _bt_strengths(players: list[str], seq: list[tuple[str, str]], iters: int = 2_000,
+                  tol: float = 1e-10) -> np.ndarray:
+    """Bradley-Terry maximum likelihood by Hunter's (2004) MM iteration:
+    p_i <- W_i / sum_j n_ij / (p_i + p_j), normalised to geometric mean 1. A player that never
+    wins (or never loses) has no finite MLE; a 0.5-win pseudo-count against every opponent
+    (the usual regularisation) keeps it finite and is applied to all pairs alike."""
+    idx = {p: i for i, p in enumerate(players)}
+    m = len(players)
+    wins = np.zeros((m, m))
+    for w, l in seq:
+        wins[idx[w], idx[l]] += 1
+    met = (wins + wins.T) > 0
+    wins = wins + 0.5 * met                      # pseudo-counts on compared pairs only
+    n = wins + wins.T
+    w_tot = wins.sum(1)
+    p = np.ones(m)
+    for _ in range(iters):
+        denom = (n / (p[:, None] + p[None, :])).sum(1)
+        new = np.where(denom > 0, w_tot / np.where(denom > 0, denom, 1), p)
+        new = new / np.exp(np.log(new).mean())
+        if np.max(np.abs(new - p)) < tol:
+            p = new
+            break
+        p = new
+    return p
+
+
+def bradley_terry(matches: pd.DataFrame | Iterable[tuple[str, str]], rng: np.random.Generator,
+                  *, n_resamples: int = 1_000, level: float = 0.95, scale: float = 400.0,
+                  anchor: float = 800.0) -> pd.DataFrame:
+    """Bradley-Terry ratings on the Elo scale (``anchor + scale log10 p_i``, mean ``anchor``; so
+    a 200-point gap = 76% expected wins, as for Elo) with percentile bootstrap intervals over
+    votes resampled with replacement (the arena practice). Order-free, unlike sequential Elo.
+    Returns ``player, bt, low, high``."""
+    seq = _as_matches(matches)
+    players = sorted({p for m in seq for p in m})
+
+    def rating(s: list[tuple[str, str]]) -> np.ndarray:
+        return anchor + scale * np.log10(_bt_strengths(players, s))
+
+    point = rating(seq)
+    boots = np.empty((n_resamples, len(players)))
+    for b in range(n_resamples):
+        idx = rng.integers(0, len(seq), size=len(seq))
+        boots[b] = rating([seq[i] for i in idx])
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(boots, [alpha, 1 - alpha], axis=0)
+    return pd.DataFrame({"player": players, "bt": point, "low": lo, "high": hi})
+
+
+def cohen_kappa(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Cohen's kappa of two raters' labels on the same items: (p_o - p_e) / (1 - p_e) with p_e
+    from each rater's own marginals; NaN when undefined (no items, or p_e = 1)."""
+    a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
+    if len(a) == 0:
+        return math.nan
+    cats = sorted(set(a) | set(b), key=str)
+    p_o = float(np.mean(a == b))
+    p_e = float(sum(np.mean(a == c) * np.mean(b == c) for c in cats))
+    return math.nan if p_e == 1.0 else (p_o - p_e) / (1.0 - p_e)
+
+
 # -- policy evaluation: world model vs real world --------------------------------------------------
 def mmrv(wm: Sequence[float], real: Sequence[float]) -> float:
     """Mean Maximum Rank Violation (SIMPLER, Li et al. 2024; used by Ctrl-World).
