@@ -21,18 +21,24 @@ def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def noised_history(buffer: HistoryBuffer, history_sigma: float,
-                   history_eps: torch.Tensor | None) -> HistoryBuffer:
-    """Training-only augmentation: history latents + history_sigma * eps (0 = off), so the model
-    sees slightly imperfect conditions as in a rollout. eps: (N, H, C, Hs, Ws)."""
+                   history_eps: torch.Tensor | None,
+                   history_level: torch.Tensor | None = None) -> HistoryBuffer:
+    """Training-only augmentation as Ctrl-World trains (CTRL_WORLD.md): history latents +
+    sigma_h * eps with a per-sample level sigma_h = history_sigma * |z|, z standard normal
+    (``history_level`` (N,) = |z|; None: sigma_h = history_sigma for every sample), so the model
+    learns to treat imperfect history as a rollout hands it, not to copy it. 0 = off.
+    eps: (N, H, C, Hs, Ws)."""
     if history_sigma <= 0 or history_eps is None:
         return buffer
-    return HistoryBuffer(buffer.latents + history_sigma * history_eps, buffer.actions)
+    level = history_sigma if history_level is None else \
+        history_sigma * _expand(history_level, history_eps)
+    return HistoryBuffer(buffer.latents + level * history_eps, buffer.actions)
 
 
 def denoising_loss(model: WorldModel, x0: torch.Tensor, buffer: HistoryBuffer,
                    future_actions: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
-                   history_sigma: float = 0.0, history_eps: torch.Tensor | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   history_sigma: float = 0.0, history_eps: torch.Tensor | None = None,
+                   history_level: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-sample weighted denoising loss.
 
     x0: (N, L, C, Hs, Ws) clean future latents; buffer: ground-truth history (N, H, ...);
@@ -41,7 +47,8 @@ def denoising_loss(model: WorldModel, x0: torch.Tensor, buffer: HistoryBuffer,
     unweighted x0 error (detached, for logging).
     """
     x_sigma = x0 + _expand(sigma, x0) * eps
-    x0_hat = model.denoise(x_sigma, sigma, noised_history(buffer, history_sigma, history_eps),
+    x0_hat = model.denoise(x_sigma, sigma, noised_history(buffer, history_sigma, history_eps,
+                                                         history_level),
                            future_actions)
     mse = (x0_hat - x0).pow(2).flatten(1).mean(1)                       # (N,)
     sigma_data = float(getattr(getattr(model, "cfg", None), "sigma_data", 1.0))
@@ -50,10 +57,14 @@ def denoising_loss(model: WorldModel, x0: torch.Tensor, buffer: HistoryBuffer,
 
 def draw_noise(x0: torch.Tensor, history: torch.Tensor, generator: torch.Generator,
                p_mean: float = edm.P_MEAN, p_std: float = edm.P_STD
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The randomness of one denoising step, from ``generator`` only (resumable by seed):
-    sigma (N,), eps like x0 (N, L, ...), history eps like history (N, H, ...)."""
+    sigma (N,), eps like x0 (N, L, ...), history eps like history (N, H, ...) and the
+    per-sample history noise level |z| (N,) (drawn last, so the first three do not depend on
+    whether history noise is used)."""
     sigma = edm.sample_training_sigma(x0.shape[0], generator, p_mean, p_std)
     eps = torch.randn(x0.shape, generator=generator)
     history_eps = torch.randn(history.shape, generator=generator)
-    return sigma.to(x0.device), eps.to(x0.device), history_eps.to(x0.device)
+    level = torch.randn(x0.shape[0], generator=generator).abs()
+    return (sigma.to(x0.device), eps.to(x0.device), history_eps.to(x0.device),
+            level.to(x0.device))

@@ -92,6 +92,10 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"trainer.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
     if int(t.eval_sample_clips) > int(t.eval_clips):
         raise UserError("trainer.eval_sample_clips must be <= trainer.eval_clips")
+    init = t.get("init_from")
+    if init and not (Path(str(init)).is_file() or (Path(str(init)) / MODEL_FILE).is_file()):
+        raise UserError(f"trainer.init_from={init}: no such model file (a run's {MODEL_FILE} "
+                        f"or an exported model such as models/mini_droid_base.pt)")
     wm = world_model_config(cfg.world_model)
     if (wm.history, wm.future) != (int(cfg.data.history), int(cfg.data.future)):
         raise UserError(f"world_model history/future ({wm.history}, {wm.future}) must match "
@@ -168,6 +172,25 @@ def validate_one_chunk(model: WorldModel, batch: dict, seed: int, sample_clips: 
     return row
 
 
+def _init_weights(model: WorldModel, path: Path) -> None:
+    """``trainer.init_from``: start a new run from the weights of a model file (a run's
+    model.pt or an exported one) of the same architecture; settings that only shape training
+    or sampling (noise levels, history noise, sampler) may differ. A resumed run ignores it:
+    its checkpoint holds the weights."""
+    from persistworld.world_model import load_world_model
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"trainer.init_from={path}: no such model file (a run's {MODEL_FILE} or "
+                        f"an exported model such as models/mini_droid_base.pt)")
+    source = load_world_model(path)
+    try:
+        model.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+    except RuntimeError as e:
+        raise UserError(f"trainer.init_from={path} holds another architecture than "
+                        f"world_model.*: {str(e).splitlines()[0]}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
@@ -235,6 +258,10 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
         run.truncate_metrics_after(step)
         run.log(f"resuming from step {step}")
         print(f"train-base: resuming {run.root} from step {step}")
+    elif t.get("init_from"):
+        _init_weights(model, Path(str(t.init_from)))
+        run.log(f"weights initialised from {t.init_from}")
+        print(f"train-base: weights initialised from {t.init_from}")
     run.write_config(OmegaConf.to_yaml(cfg, resolve=True), hydra_overrides())
     run.set_status("running", step)
 
@@ -285,10 +312,10 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
             model.train()
             x0, buffer, acts = _batch_to(batch, model, device)
             g = torch.Generator().manual_seed(derive_seed(seed, step, _NOISE_STREAM))
-            sigma, eps, hist_eps = draw_noise(x0, buffer.latents, g, model.cfg.p_mean,
-                                              model.cfg.p_std)
+            sigma, eps, hist_eps, hist_level = draw_noise(x0, buffer.latents, g,
+                                                          model.cfg.p_mean, model.cfg.p_std)
             out = denoising_loss(model, x0, buffer, acts, sigma, eps,
-                                 model.cfg.history_noise, hist_eps)
+                                 model.cfg.history_noise, hist_eps, hist_level)
             loss = out["loss"].mean()
             # S3 update
             opt.zero_grad(set_to_none=True)
