@@ -142,3 +142,14 @@ def test_warmup_cosine():
     assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
     assert warmup_cosine(100, 10, 100, final=0.1) == pytest.approx(0.1)
     assert warmup_cosine(50, 0, 100) == 1.0
+
+
+def test_history_noise_level_is_per_sample():
+    from persistworld.objectives.denoising import noised_history
+    from persistworld.world_model.interface import HistoryBuffer
+    buf = HistoryBuffer(torch.zeros(3, 2, 1, 2, 2), torch.zeros(3, 2, 7))
+    eps = torch.ones(3, 2, 1, 2, 2)
+    out = noised_history(buf, 0.3, eps, torch.tensor([0.0, 1.0, 2.0]))
+    assert torch.allclose(out.latents[:, 0, 0, 0, 0], torch.tensor([0.0, 0.3, 0.6]))
+    assert noised_history(buf, 0.0, eps, torch.ones(3)) is buf          # 0 = off
+    assert torch.allclose(noised_history(buf, 0.3, eps).latents, 0.3 * eps)   # fixed level

@@ -141,6 +141,26 @@ def test_settings_are_checked_before_work(tiny_dataset, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_init_from_starts_a_new_run_from_given_weights(uninterrupted, tiny_dataset, tmp_path):
+    from persistworld.errors import UserError
+    from persistworld.trainers.base import train_base
+    with pytest.raises(UserError, match="trainer.init_from"):
+        train_base(_compose(_overrides(tiny_dataset, tmp_path / "x",
+                                       [f"trainer.init_from={tmp_path / 'none.pt'}"])))
+    assert not (tmp_path / "x").exists()
+    # one step at a negligible learning rate: the weights are the source's, not a fresh init
+    run = tmp_path / "ft"
+    train_base(_compose(_overrides(tiny_dataset, run, [
+        f"trainer.init_from={uninterrupted}", "trainer.steps=1", "trainer.lr=1e-12",
+        "trainer.warmup_steps=0", "world_model.history_noise=0.3"])))
+    src, got = _weights(uninterrupted), _weights(run)
+    assert all(torch.allclose(src[k], got[k], atol=1e-6) for k in src)
+    assert "weights initialised from" in (run / "log.txt").read_text()
+    with pytest.raises(UserError, match="another architecture"):
+        train_base(_compose(_overrides(tiny_dataset, tmp_path / "arch", [
+            f"trainer.init_from={uninterrupted}", "world_model.block_out_channels=[32,32]"])))
+
+
 def test_lr_schedule_and_step_batches():
     from persistworld.trainers.base import lr_factor, step_indices
     assert lr_factor(0, 10, 100) == pytest.approx(0.1)
