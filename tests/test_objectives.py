@@ -137,6 +137,17 @@ def test_muon_takes_matrices_and_adamw_the_rest():
         build_optimizer(lin.parameters(), "sgd")
 
 
+def test_muon_leaves_embeddings_to_adamw():
+    from persistworld.world_model.embedded import ActionEncoder
+    enc = ActionEncoder(7, 8, 11)
+    opt = build_optimizer(list(enc.named_parameters()), "muon", lr=1e-2)
+    muon, adamw = opt.optimizers
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert id(enc.frame_embedding) in in_adamw and id(enc.frame_embedding) not in in_muon
+    assert {id(enc.mlp[0].weight), id(enc.mlp[2].weight)} <= in_muon
+
+
 def test_warmup_cosine():
     assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)

@@ -55,14 +55,14 @@ def denoising_loss(model: WorldModel, x0: torch.Tensor, buffer: HistoryBuffer,
     return {"loss": edm.loss_weight(sigma, sigma_data) * mse, "mse": mse.detach()}
 
 
-def draw_noise(x0: torch.Tensor, history: torch.Tensor, generator: torch.Generator,
-               p_mean: float = edm.P_MEAN, p_std: float = edm.P_STD
+def draw_noise(model: WorldModel, x0: torch.Tensor, history: torch.Tensor,
+               generator: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The randomness of one denoising step, from ``generator`` only (resumable by seed):
-    sigma (N,), eps like x0 (N, L, ...), history eps like history (N, H, ...) and the
-    per-sample history noise level |z| (N,) (drawn last, so the first three do not depend on
-    whether history noise is used)."""
-    sigma = edm.sample_training_sigma(x0.shape[0], generator, p_mean, p_std)
+    sigma (N,) from the backend's training distribution (``model.training_sigma``), eps like x0
+    (N, L, ...), history eps like history (N, H, ...) and the per-sample history noise level
+    |z| (N,) (drawn last, so the first three do not depend on whether history noise is used)."""
+    sigma = model.training_sigma(x0.shape[0], generator)
     eps = torch.randn(x0.shape, generator=generator)
     history_eps = torch.randn(history.shape, generator=generator)
     level = torch.randn(x0.shape[0], generator=generator).abs()

@@ -312,10 +312,9 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
             model.train()
             x0, buffer, acts = _batch_to(batch, model, device)
             g = torch.Generator().manual_seed(derive_seed(seed, step, _NOISE_STREAM))
-            sigma, eps, hist_eps, hist_level = draw_noise(x0, buffer.latents, g,
-                                                          model.cfg.p_mean, model.cfg.p_std)
+            sigma, eps, hist_eps, hist_level = draw_noise(model, x0, buffer.latents, g)
             out = denoising_loss(model, x0, buffer, acts, sigma, eps,
-                                 model.cfg.history_noise, hist_eps, hist_level)
+                                 model.training_history_noise(), hist_eps, hist_level)
             loss = out["loss"].mean()
             # S3 update
             opt.zero_grad(set_to_none=True)

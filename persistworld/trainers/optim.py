@@ -1,8 +1,8 @@
 """Optimisers for the trainable parts: AdamW, or Muon for 2-D weights + AdamW for the rest.
 
 ``torch.optim.Muon`` refuses non-2D parameters (ENVIRONMENT.md), so ``muon`` splits the
-parameters: matrices (LoRA A/B, linear weights) go to Muon, biases / norms / embeddings with
-other shapes to AdamW. ``MultiOptimizer`` steps both and checkpoints both.
+parameters: matrices (LoRA A/B, linear weights) go to Muon, biases, norms and embeddings (also
+2-D ones such as the action encoder's ``frame_embedding``: ``muon_eligible``) to AdamW. ``MultiOptimizer`` steps both and checkpoints both.
 """
 from __future__ import annotations
 
@@ -50,18 +50,29 @@ class MultiOptimizer:
             opt.load_state_dict(s)
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 1e-4,
+def muon_eligible(name: str, p: torch.nn.Parameter) -> bool:
+    """Muon orthogonalises the updates of weight matrices; embeddings (rows are independent
+    vectors, e.g. the action encoder's ``frame_embedding``), biases and norms go to AdamW."""
+    return p.ndim == 2 and "embedding" not in name.rsplit(".", 1)[-1]
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter | tuple[str, torch.nn.Parameter]],
+                    name: str = "adamw", lr: float = 1e-4,
                     weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                     muon_lr: float | None = None, muon_momentum: float = 0.95) -> MultiOptimizer:
-    params = [p for p in params if p.requires_grad]
+    """``params``: parameters, or (name, parameter) pairs (``named_parameters()``) so that
+    Muon can tell embeddings from weight matrices (``muon_eligible``)."""
+    named = [(p[0], p[1]) if isinstance(p, tuple) else ("", p) for p in params]
+    named = [(n, p) for n, p in named if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise UserError("no trainable parameters: check the LoRA target modules")
     if name == "adamw":
         return MultiOptimizer([torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
                                                  betas=tuple(betas))])
     if name == "muon":
-        mats = [p for p in params if p.ndim == 2]
-        rest = [p for p in params if p.ndim != 2]
+        mats = [p for n, p in named if muon_eligible(n, p)]
+        rest = [p for n, p in named if not muon_eligible(n, p)]
         opts: list[torch.optim.Optimizer] = []
         if mats:
             # adjust_lr_fn="match_rms_adamw" makes Muon's update RMS match AdamW's, so the

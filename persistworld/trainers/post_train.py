@@ -267,6 +267,11 @@ class PostTrainer:
         seed_everything(int(cfg.seed))
 
         base = load_world_model(cfg.base_model).to(self.device).eval()
+        if (base.history, base.future) != (int(cfg.data.history), int(cfg.data.future)):
+            raise UserError(f"base_model={cfg.base_model} predicts {base.future} frames from "
+                            f"{base.history} (H, L = {base.history}, {base.future}) but "
+                            f"data.history / data.future are {cfg.data.history} / "
+                            f"{cfg.data.future}: use the data settings it was trained with")
         self.base = base.requires_grad_(False)
         self.policy = copy.deepcopy(base)
         self.trainable = add_lora(self.policy, int(cfg.lora.rank), float(cfg.lora.alpha),
@@ -280,7 +285,8 @@ class PostTrainer:
                                  self.policy.named_parameters() if not p.requires_grad}
         self.reward = MultiViewReward(weights, device=str(self.device))
         o = cfg.optim
-        self.opt = build_optimizer([p for p in self.policy.parameters() if p.requires_grad],
+        self.opt = build_optimizer([(n, p) for n, p in self.policy.named_parameters()
+                                    if p.requires_grad],
                                    o.name, float(o.lr), float(o.weight_decay))
         self.data = start_pool(cfg.data, self.setup)
         self.step = 0
@@ -369,11 +375,8 @@ class PostTrainer:
 
     # -- S4: the NFT update -----------------------------------------------------------------
     def sample_sigma(self, n: int, g: torch.Generator) -> torch.Tensor:
-        from persistworld.world_model.edm import sample_training_sigma
         if self.cfg.objective.sigma == "lognormal":
-            wm = getattr(self.policy, "cfg", None)
-            return sample_training_sigma(n, g, getattr(wm, "p_mean", 0.7),
-                                         getattr(wm, "p_std", 1.6))
+            return self.policy.training_sigma(n, g)
         grid = self.policy.sampler_sigmas(self.cfg.rollout.sampler_steps)[:-1]  # drop final 0
         return grid[torch.randint(len(grid), (n,), generator=g)]
 

@@ -54,6 +54,7 @@ from persistworld.world_model.interface import VIEWS, HistoryBuffer, WorldModel
 from persistworld.errors import UserError
 
 X0_ANCHORS = ("none", "last_frame")
+SAMPLER_STARTS = ("noise", "anchor")
 _UP_BLOCK = {"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}
 
 
@@ -93,6 +94,8 @@ class EmbeddedConfig:
     rho: float = 7.0
     num_steps: int = 50                 # sampler steps per chunk (paper: 50)
     sampler: str = "euler"              # euler | heun (EDM's 2nd order: 2N - 1 calls)
+    sampler_start: str = "noise"        # noise: x_T = sigma_max eps (EDM) | anchor: x_T =
+                                        #   anchor + sigma_max eps (the prior around x0_anchor)
     history_noise: float = 0.0          # training-only noise sigma added to history latents
     noise_cond_scale: float = 1.0       # the UNet timestep is noise_cond_scale * c_noise(sigma)
     x0_anchor: str = "last_frame"       # none | last_frame: origin of the preconditioning
@@ -137,6 +140,9 @@ class EmbeddedConfig:
         if self.x0_anchor not in X0_ANCHORS:
             raise UserError(f"world_model.x0_anchor must be one of {X0_ANCHORS}, got "
                             f"{self.x0_anchor!r}")
+        if self.sampler_start not in SAMPLER_STARTS:
+            raise UserError(f"world_model.sampler_start must be one of {SAMPLER_STARTS}, got "
+                            f"{self.sampler_start!r}")
         if self.sampler not in edm.SAMPLERS:
             raise UserError(f"world_model.sampler must be one of {sorted(edm.SAMPLERS)}, got "
                             f"{self.sampler!r}")
@@ -282,6 +288,13 @@ class EmbeddedWorldModel(WorldModel):
         """The module LoRA adapters are injected into (the UNet, as for SVD)."""
         return self.unet
 
+    def training_sigma(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n,) ln sigma ~ N(p_mean, p_std^2) (models/README.md: EDM's pixel-space values)."""
+        return edm.sample_training_sigma(n, generator, self.cfg.p_mean, self.cfg.p_std)
+
+    def training_history_noise(self) -> float:
+        return float(self.cfg.history_noise)
+
     def sampler_sigmas(self, num_steps: int | None = None) -> torch.Tensor:
         """(N + 1,) Karras noise levels of the Euler sampler, ending in 0."""
         c = self.cfg
@@ -358,5 +371,6 @@ class EmbeddedWorldModel(WorldModel):
         device = buffer.latents.device
         noise = noise.to(device=device, dtype=buffer.latents.dtype)
         sigmas = self.sampler_sigmas(num_steps).to(device)
+        origin = self.anchor(buffer) if self.cfg.sampler_start == "anchor" else 0.0
         return edm.SAMPLERS[self.cfg.sampler](
-            lambda x, s: self.denoise(x, s, buffer, future_actions), noise, sigmas)
+            lambda x, s: self.denoise(x, s, buffer, future_actions), noise, sigmas, origin)

@@ -86,6 +86,28 @@ class WorldModel(abc.ABC, torch.nn.Module):
         scales it by the first sigma) or else ``generator``, so a chunk is reproducible from
         its seed."""
 
+    @abc.abstractmethod
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, Hs, Ws) of one frame latent (all views)."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def config_dict(self) -> dict:
+        """The settings that rebuild this model (saved with its weights)."""
+
+    @abc.abstractmethod
+    def adapter_root(self) -> torch.nn.Module:
+        """The module LoRA adapters are injected into (the denoising backbone)."""
+
+    @abc.abstractmethod
+    def sampler_sigmas(self, num_steps: int | None = None) -> torch.Tensor:
+        """(N + 1,) decreasing noise levels of the sampler, ending in 0."""
+
+    def training_sigma(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n,) training noise levels of this backend (Ctrl-World's ln sigma ~ N(0.7, 1.6^2)
+        unless the backend says otherwise): what base training and the NFT loss draw."""
+        from persistworld.world_model import edm
+        return edm.sample_training_sigma(n, generator)
+
+    def training_history_noise(self) -> float:
+        """Scale of the training-only history noise augmentation (0 = off)."""
+        return 0.0
