@@ -1,4 +1,5 @@
-"""One-chunk quality of a world model under sampler settings (steps, Euler / Heun, sigma range),
+"""One-chunk quality of a world model under sampler settings (steps, Euler / Heun, sigma range,
+start at noise or at the last frame),
 on the first N rollout starts of a split, next to "repeat the last frame". Choose sampler
 settings on the train split (``--split train``: episode starts the model was trained on, not
 the held-out ones the bars are reported on).
@@ -23,7 +24,12 @@ VARIANTS = [dict(steps=10, sigma_max=80.0), dict(steps=20, sigma_max=80.0),
             dict(steps=10, sigma_max=10.0, sigma_min=0.5),
             dict(steps=10, sigma_max=10.0, sigma_min=1.0),
             dict(steps=10, sigma_max=10.0, sigma_min=2.0),
-            dict(steps=5, sigma_max=10.0, sigma_min=1.0)]
+            dict(steps=5, sigma_max=10.0, sigma_min=1.0),
+            # the ODE started at the last frame + sigma_max eps instead of sigma_max eps
+            dict(steps=10, sigma_max=10.0, sigma_min=1.0, start="anchor"),
+            dict(steps=10, sigma_max=3.0, sigma_min=1.0, start="anchor"),
+            dict(steps=6, sigma_max=2.0, sigma_min=1.0, start="anchor"),
+            dict(steps=10, sigma_max=3.0, sigma_min=0.5, start="anchor")]
 
 
 def main() -> None:
@@ -66,6 +72,7 @@ def main() -> None:
             m.cfg.sampler = v.get("sampler", default[0])
             m.cfg.sigma_min = v.get("sigma_min", default[1])
             m.cfg.sigma_max = v.get("sigma_max", default[2])
+            m.cfg.sampler_start = v.get("start", "noise")
             with torch.no_grad():
                 x = m.sample_chunk(buf, b["actions"][:, :5], noise=noise, num_steps=v["steps"])
             desc = ", ".join(f"{k}={val}" for k, val in v.items())

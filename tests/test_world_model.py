@@ -104,6 +104,26 @@ def test_sample_chunk_is_reproducible_per_seed(model):
     assert torch.equal(model.sample_chunk(buf, acts, noise=noise), a)
 
 
+def test_sampler_start_anchor_centres_the_prior_on_the_anchor():
+    """sampler_start=anchor starts the ODE at x_T = h_last + sigma_max eps: with one step the
+    sample is D(h_last + sigma_max eps; sigma_max); the EDM start (noise) is D(sigma_max eps)."""
+    import dataclasses
+    torch.manual_seed(0)
+    m = build_world_model({**TINY, "x0_anchor": "last_frame", "sampler_start": "anchor"}).eval()
+    buf, acts = _inputs(m)
+    noise = torch.randn((2, m.future, *m.latent_shape()), generator=torch.Generator().manual_seed(3))
+    smax = torch.full((2,), m.cfg.sigma_max)
+    with torch.no_grad():
+        got = m.sample_chunk(buf, acts, noise=noise, num_steps=1)
+        want = m.denoise(buf.latents[:, -1:] + m.cfg.sigma_max * noise, smax, buf, acts)
+        torch.testing.assert_close(got, want)
+        m.cfg = dataclasses.replace(m.cfg, sampler_start="noise")
+        plain = m.sample_chunk(buf, acts, noise=noise, num_steps=1)
+        torch.testing.assert_close(plain, m.denoise(m.cfg.sigma_max * noise, smax, buf, acts))
+    with pytest.raises(ValueError, match="sampler_start"):
+        build_world_model({**TINY, "sampler_start": "zero"})
+
+
 def test_sample_chunk_makes_one_batched_network_call_per_step(model):
     buf, acts = _inputs(model, B=3)
     calls = []

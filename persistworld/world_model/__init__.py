@@ -91,7 +91,7 @@ def load_world_model(path_or_run_dir: str | Path, map_location: str | torch.devi
 
 # world-model settings that only the sampler reads: changing them never changes the weights,
 # so they may be chosen after training (export-model --sampler KEY=VALUE)
-SAMPLER_KEYS = ("sampler", "num_steps", "sigma_min", "sigma_max", "rho")
+SAMPLER_KEYS = ("sampler", "sampler_start", "num_steps", "sigma_min", "sigma_max", "rho")
 
 
 def export_world_model(source: str | Path, out: str | Path, half: bool = True,

@@ -108,11 +108,12 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float,
 
 # ---- sampler -------------------------------------------------------------------------------
 def _ode_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                noise: torch.Tensor, sigmas: torch.Tensor, second_order: bool) -> torch.Tensor:
+                noise: torch.Tensor, sigmas: torch.Tensor, second_order: bool,
+                origin: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Deterministic integration of the probability-flow ODE dx/dsigma = (x - D(x)) / sigma,
     first order (Euler) or with EDM's second-order (Heun) correction; see the two samplers."""
     B = noise.shape[0]
-    x = noise * sigmas[0].to(noise.dtype)
+    x = origin + noise * sigmas[0].to(noise.dtype)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0_hat = denoise_fn(x, sigma.expand(B).to(noise.dtype))
@@ -130,26 +131,29 @@ def _ode_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def euler_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+                 noise: torch.Tensor, sigmas: torch.Tensor,
+                 origin: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Deterministic Euler integration of the probability-flow ODE dx/dsigma = (x - D(x)) / sigma.
 
     denoise_fn: (B, ...) x, (B,) sigma -> (B, ...) clean estimate D(x; sigma); one call per step
         for the whole batch.
-    noise: (B, ...) standard normal; the start is x = sigmas[0] * noise.
+    noise: (B, ...) standard normal; the start is x = origin + sigmas[0] * noise (origin 0: EDM;
+        a predictor's anchor, e.g. the last frame: the prior N(x0, sigma_max^2) centred on it).
     sigmas: (N + 1,) decreasing, ending in 0 (``karras_sigmas``).
     The last step, to sigma = 0, is written as x = D(x; sigma_{N-1}), which equals the Euler
     update x + (0 - sigma) (x - D) / sigma in exact arithmetic and avoids its rounding.
     """
-    return _ode_sample(denoise_fn, noise, sigmas, second_order=False)
+    return _ode_sample(denoise_fn, noise, sigmas, second_order=False, origin=origin)
 
 
 def heun_sample(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+                noise: torch.Tensor, sigmas: torch.Tensor,
+                origin: torch.Tensor | float = 0.0) -> torch.Tensor:
     """EDM's deterministic second-order sampler (Karras et al. 2022, Algorithm 1 without
     churn): an Euler step to sigma_{i+1}, then the average of the slopes at both ends; the last
     step, to sigma = 0, is a plain Euler step (x = D). 2N - 1 denoiser calls for N steps.
     Same arguments and randomness as ``euler_sample``."""
-    return _ode_sample(denoise_fn, noise, sigmas, second_order=True)
+    return _ode_sample(denoise_fn, noise, sigmas, second_order=True, origin=origin)
 
 
 SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
