@@ -55,7 +55,7 @@ def create_app(study_dir: str | Path, db_url: str | None = None):
 
     class Vote(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        trial: str = Field(pattern=r"^t[0-9]{4}$")
+        trial: str = Field(pattern=r"^t[0-9]{4,6}$")
         choice: Literal["left", "right"]
         response_ms: int | None = Field(default=None, ge=0, le=24 * 3600 * 1000)
 

@@ -92,10 +92,8 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"trainer.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
     if int(t.eval_sample_clips) > int(t.eval_clips):
         raise UserError("trainer.eval_sample_clips must be <= trainer.eval_clips")
-    init = t.get("init_from")
-    if init and not (Path(str(init)).is_file() or (Path(str(init)) / MODEL_FILE).is_file()):
-        raise UserError(f"trainer.init_from={init}: no such model file (a run's {MODEL_FILE} "
-                        f"or an exported model such as models/mini_droid_base.pt)")
+    if t.get("init_from"):
+        init_path(t.init_from)
     wm = world_model_config(cfg.world_model)
     if (wm.history, wm.future) != (int(cfg.data.history), int(cfg.data.future)):
         raise UserError(f"world_model history/future ({wm.history}, {wm.future}) must match "
@@ -172,17 +170,24 @@ def validate_one_chunk(model: WorldModel, batch: dict, seed: int, sample_clips: 
     return row
 
 
-def _init_weights(model: WorldModel, path: Path) -> None:
+def init_path(init: str | Path) -> Path:
+    """The model file ``trainer.init_from`` names (a file, or a run directory's model.pt)."""
+    path = Path(str(init))
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"trainer.init_from={init}: no such model file (a run's {MODEL_FILE} or "
+                        f"an exported model such as models/mini_droid_base.pt)")
+    return path
+
+
+def _init_weights(model: WorldModel, init: str | Path) -> None:
     """``trainer.init_from``: start a new run from the weights of a model file (a run's
     model.pt or an exported one) of the same architecture; settings that only shape training
     or sampling (noise levels, history noise, sampler) may differ. A resumed run ignores it:
     its checkpoint holds the weights."""
     from persistworld.world_model import load_world_model
-    if path.is_dir():
-        path = path / MODEL_FILE
-    if not path.is_file():
-        raise UserError(f"trainer.init_from={path}: no such model file (a run's {MODEL_FILE} or "
-                        f"an exported model such as models/mini_droid_base.pt)")
+    path = init_path(init)
     source = load_world_model(path)
     try:
         model.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
@@ -259,7 +264,7 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
         run.log(f"resuming from step {step}")
         print(f"train-base: resuming {run.root} from step {step}")
     elif t.get("init_from"):
-        _init_weights(model, Path(str(t.init_from)))
+        _init_weights(model, t.init_from)
         run.log(f"weights initialised from {t.init_from}")
         print(f"train-base: weights initialised from {t.init_from}")
     run.write_config(OmegaConf.to_yaml(cfg, resolve=True), hydra_overrides())
