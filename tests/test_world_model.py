@@ -219,6 +219,44 @@ def test_load_errors_name_the_file(tmp_path):
         load_world_model(tmp_path)
 
 
+def test_weights_of_another_architecture_name_the_file(model, tmp_path):
+    """A file whose weights do not fit the model its own settings build (e.g. written before
+    a default changed) is refused with its path and the fix, not a raw state-dict error."""
+    from persistworld.errors import UserError
+    blob = {"format": "persistworld.world_model", "format_version": 1,
+            "config": {**model.config_dict(), "frame_head": 0},
+            "state_dict": model.state_dict()}
+    torch.save(blob, tmp_path / "old.pt")
+    with pytest.raises(UserError, match=r"old\.pt: its weights do not fit.*frame_head"):
+        load_world_model(tmp_path / "old.pt")
+
+
+def test_action_maps_feed_the_poses_to_the_convolutions():
+    """world_model.action_maps=true: (H+L)*A pose maps + 2 coordinate maps are extra UNet
+    input channels, and every frame's pose changes the output (also with the cross-attention
+    tokens of the other frames unchanged)."""
+    m = build_world_model({**TINY, "action_maps": True}).eval()
+    H, L, A = m.history, m.future, m.cfg.action_dim
+    assert m.unet.config.in_channels == (H + L) * m.cfg.channels + (H + L) * A + 2
+    from persistworld.world_model.embedded import action_maps
+    maps = action_maps(torch.arange(2 * 3 * 2.0).reshape(2, 3, 2), 4, 5)
+    assert maps.shape == (2, 3 * 2 + 2, 4, 5)
+    assert torch.equal(maps[1, 3], torch.full((4, 5), 9.0))            # sample 1, frame 1, dim 1
+    assert torch.equal(maps[0, -2, :, 0], torch.linspace(-1, 1, 4))    # row coordinate
+    buf, acts = _inputs(m)
+    x = torch.randn(2, L, *m.latent_shape())
+    with torch.no_grad():
+        base = m.denoise(x, torch.ones(2), buf, acts)
+        m.action_encoder.mlp.requires_grad_(False)
+        for p in m.action_encoder.mlp.parameters():   # tokens no longer depend on the poses
+            p.zero_()
+        m.action_encoder.frame_embedding.zero_()
+        a = m.denoise(x, torch.ones(2), buf, acts)
+        b = m.denoise(x, torch.ones(2), buf, acts.flip(1))
+    assert not torch.allclose(a, b)                  # the maps alone carry the poses
+    assert base.shape == a.shape
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="unknown"):
         EmbeddedConfig.from_mapping({"name": "embedded", "bogus": 1})

@@ -6,6 +6,16 @@ differing in the decay schedule d(step) and in what they are used for: the old p
 x0_old in the NFT loss; the policy EMA (off by default, as the paper) is what evaluation and
 the exported model use.
 
+What is averaged are the trained tensors themselves: the LoRA factors A and B of each adapted
+layer (and the action encoder). An EMA of A and of B is NOT an EMA of the merged update
+Delta W = s B A: the product of averages, EMA(B) EMA(A), differs from the average of products,
+EMA(B A), by the covariance of the factors' trajectories (small while they move slowly, as with
+d <= 0.5 over a few steps). This is what DiffusionNFT does (its old and EMA policies are
+adapters too). The merged form would keep a dense d_out x d_in matrix per adapted layer for
+every averaged role -- for Ctrl-World's UNet about the size of every attention projection,
+i.e. the backbone copy that one-backbone post-training (trainers/adapters.py) exists to avoid
+-- so it is not offered.
+
 Old-policy schedules (config ``old_policy.schedule``):
     none | frozen   d = 1: the old policy stays the base post-training start point
     copy            d = 0: the old policy is the current policy at every step

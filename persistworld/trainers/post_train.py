@@ -18,13 +18,13 @@ clipping; every rank then takes the same optimiser step, so the weights stay ide
 the run equals a one-process run with the same trainer.batch_size up to float rounding.
 Rank 0 alone writes the run directory.
 
-The policy, the old policy and the base model are three copies of the same world model:
-policy = base + trainable LoRA adapters + trainable action encoder; old policy = an EMA of the
-policy's trainable parameters; base = adapters off (a frozen copy), for the KL term.
+The policy, the old policy, the policy EMA and the base model share ONE frozen backbone
+(trainers/adapters.py): policy = backbone + its LoRA adapter + its action encoder (trained);
+old policy and policy EMA = adapters of their own, EMAs of the policy's; base = adapters
+disabled, for the KL term. ``with self.roles.use(role)`` makes the model act as one of them.
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
@@ -41,6 +41,7 @@ from persistworld.rewards.group import best_of_n, group_advantages
 from persistworld.rewards.reward import MultiViewReward, RewardWeights
 from persistworld.rollout.branching import Branches, branch, rollout_prefix
 from persistworld.rollout.prefix import PrefixSampler
+from persistworld.trainers.adapters import BASE, NamedAdapters
 from persistworld.trainers.distributed import Dist
 from persistworld.trainers.ema import EMASchedule, ema_update
 from persistworld.trainers.optim import build_optimizer, warmup_cosine
@@ -193,53 +194,6 @@ def check_episode_lengths(store: EpisodeStore, setup: Setup, stride: int) -> Non
 
 
 # --------------------------------------------------------------------------------------------
-# Policy construction: LoRA on the UNet + trainable action encoder, everything else frozen
-# --------------------------------------------------------------------------------------------
-def add_lora(model: WorldModel, rank: int, alpha: float, target_modules: list[str],
-             train_action_encoder: bool = True) -> list[str]:
-    """Inject LoRA adapters with peft and freeze all but adapters (+ action encoder).
-    Returns the names of the trainable parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
-    unet = model.adapter_root()
-    try:
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                           target_modules=list(target_modules)), unet)
-    except ValueError as e:
-        raise UserError(f"lora.target_modules={list(target_modules)}: {e}") from e
-    trainable = []
-    for name, p in model.named_parameters():
-        is_adapter = "lora_" in name
-        is_action = train_action_encoder and name.startswith("action_encoder.")
-        p.requires_grad_(is_adapter or is_action)
-        if p.requires_grad:
-            trainable.append(name)
-    if not any("lora_" in n for n in trainable):
-        raise UserError(f"lora.target_modules={list(target_modules)} matched no module of the "
-                        f"world model's UNet")
-    return trainable
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A plain (adapter-free) state dict with the LoRA deltas merged into the base weights, so
-    the post-trained model loads like any base model."""
-    from peft.tuners.lora import LoraLayer
-    merged = copy.deepcopy(model)
-    for module in merged.modules():
-        if isinstance(module, LoraLayer):
-            module.merge()
-    out = {}
-    for k, v in merged.state_dict().items():
-        if "lora_" in k:
-            continue
-        out[k.replace(".base_layer.", ".")] = v
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
 class PostTrainer:
@@ -272,22 +226,19 @@ class PostTrainer:
                             f"{base.history} (H, L = {base.history}, {base.future}) but "
                             f"data.history / data.future are {cfg.data.history} / "
                             f"{cfg.data.future}: use the data settings it was trained with")
-        self.base = base.requires_grad_(False)
-        self.policy = copy.deepcopy(base)
-        self.trainable = add_lora(self.policy, int(cfg.lora.rank), float(cfg.lora.alpha),
-                                  list(cfg.lora.target_modules),
-                                  bool(cfg.lora.train_action_encoder))
-        self.dist.broadcast_(trainable_params(self.policy, self.trainable))   # same start
-        self.old = copy.deepcopy(self.policy).requires_grad_(False).eval()
-        self.ema = (copy.deepcopy(self.policy).requires_grad_(False).eval()
-                    if float(cfg.policy_ema.decay) > 0 else None)
-        self.frozen_reference = {n: p.detach().clone() for n, p in
-                                 self.policy.named_parameters() if not p.requires_grad}
+        roles = ("policy", "old") + (("ema",) if float(cfg.policy_ema.decay) > 0 else ())
+        self.model = base
+        self.roles = NamedAdapters(base, roles, int(cfg.lora.rank), float(cfg.lora.alpha),
+                                   list(cfg.lora.target_modules),
+                                   bool(cfg.lora.train_action_encoder))
+        self.dist.broadcast_(self.roles.params("policy"))                    # same start
+        for role in roles[1:]:
+            self.roles.copy_("policy", role)
+        self.frozen = self.roles.frozen_checksums()
         self.reward = MultiViewReward(weights, device=str(self.device))
         o = cfg.optim
-        self.opt = build_optimizer([(n, p) for n, p in self.policy.named_parameters()
-                                    if p.requires_grad],
-                                   o.name, float(o.lr), float(o.weight_decay))
+        self.opt = build_optimizer(self.roles.named_trainable(), o.name, float(o.lr),
+                                   float(o.weight_decay))
         self.data = start_pool(cfg.data, self.setup)
         self.step = 0
         self.identity = fingerprint.run_identity(OmegaConf.to_container(cfg, resolve=True))
@@ -296,18 +247,34 @@ class PostTrainer:
         self.run = RunDir(cfg.run_dir) if self.dist.is_main else None
 
     # -- resume --------------------------------------------------------------------------
+    @property
+    def has_ema(self) -> bool:
+        return "ema" in self.roles.roles
+
+    @property
+    def eval_role(self) -> str:
+        """What evaluation and the exported model use: the policy EMA when on, else the
+        policy."""
+        return "ema" if self.has_ema else "policy"
+
+    @property
+    def sampling_role(self) -> str:
+        return "policy" if self.cfg.rollout.sampling_policy == "current" else "old"
+
     def state(self) -> dict:
-        return {"policy": trainable_state(self.policy), "old": trainable_state_of(self.old,
-                                                                               self.trainable),
-                "ema": None if self.ema is None else trainable_state_of(self.ema,
-                                                                        self.trainable),
+        return {"policy": self.roles.state("policy"), "old": self.roles.state("old"),
+                "ema": self.roles.state("ema") if self.has_ema else None,
                 "optimizer": self.opt.state_dict(), "rng": rng_state()}
 
     def load(self, ckpt: dict) -> None:
-        load_named(self.policy, ckpt["policy"])
-        load_named(self.old, ckpt["old"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            load_named(self.ema, ckpt["ema"])
+        where = "the checkpoint being resumed"
+        self.roles.load_state("policy", ckpt["policy"], where)
+        self.roles.load_state("old", ckpt["old"], where)
+        if self.has_ema:
+            if ckpt.get("ema") is not None:
+                self.roles.load_state("ema", ckpt["ema"], where)
+            else:                        # cannot happen with the same fingerprint; say so
+                raise UserError(f"{where} has no policy EMA but policy_ema.decay > 0")
         self.opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
@@ -338,7 +305,11 @@ class PostTrainer:
 
     def stage_rollouts(self, batch: dict, P: torch.Tensor, seeds: list[int],
                        times: dict | None = None) -> tuple[Branches, torch.Tensor]:
-        sampler = self.policy if self.cfg.rollout.sampling_policy == "current" else self.old
+        with self.roles.use(self.sampling_role) as sampler:
+            return self._rollouts(sampler, batch, P, seeds, times)
+
+    def _rollouts(self, sampler: WorldModel, batch: dict, P: torch.Tensor, seeds: list[int],
+                  times: dict | None) -> tuple[Branches, torch.Tensor]:
         L, F = self.setup.future, self.setup.branch_chunks
         steps = self.cfg.rollout.sampler_steps
         start = sampler.encode(batch["start_frame"].unsqueeze(1).to(self.device))[:, 0]
@@ -365,26 +336,31 @@ class PostTrainer:
         return cands, truth
 
     # -- S3: rewards and group weights ------------------------------------------------------
-    def stage_score(self, cands: Branches, truth: torch.Tensor, sampler: WorldModel):
+    def stage_score(self, cands: Branches, truth: torch.Tensor):
         B, K = self.local_prefixes, self.setup.group_size
-        pixels = sampler.decode(cands.clip()).clamp(0, 1).cpu()         # (B*K, F*L, V, 3, h, w)
-        target = truth.repeat_interleave(K, 0)
+        with self.roles.use(self.sampling_role) as sampler:
+            pixels = sampler.decode(cands.clip()).clamp(0, 1)           # (B*K, F*L, V, 3, h, w)
+        # on the training device, batched (LPIPS, SSIM and PSNR where the model runs)
+        target = truth.to(pixels.device).repeat_interleave(K, 0)
         R, info = self.reward(pixels, target)
+        R, info = R.cpu(), {k: v.cpu() for k, v in info.items()}
         A, r = group_advantages(R.view(B, K), clip=float(self.cfg.reward.adv_clip))
         return R.view(B, K), A, r, info
 
     # -- S4: the NFT update -----------------------------------------------------------------
     def sample_sigma(self, n: int, g: torch.Generator) -> torch.Tensor:
         if self.cfg.objective.sigma == "lognormal":
-            return self.policy.training_sigma(n, g)
-        grid = self.policy.sampler_sigmas(self.cfg.rollout.sampler_steps)[:-1]  # drop final 0
+            return self.model.training_sigma(n, g)
+        grid = self.model.sampler_sigmas(self.cfg.rollout.sampler_steps)[:-1]  # drop final 0
         return grid[torch.randint(len(grid), (n,), generator=g)]
 
     def stage_update(self, cands: Branches, keep: torch.Tensor, r: torch.Tensor) -> dict:
         """keep: (b, M) kept candidate indices per group; r: (b, K) reward weights, for this
-        rank's b prefixes. The noise is drawn for all B*M kept samples of the step in one
-        process's order (micro-batch by micro-batch) and each rank uses the rows of its own
-        samples, so any number of processes sees the same sigma and eps per sample."""
+        rank's b prefixes. The noise (sigma, eps) is drawn for all B*M kept samples of the step
+        at once, chunk by chunk, in one process's order, and each rank and each micro-batch
+        uses its own rows: any number of processes and any ``trainer.micro_batch`` see the same
+        sigma and eps per sample, so micro-batching changes memory, not the result (up to
+        float rounding of the summed gradients)."""
         K, o = self.setup.group_size, self.cfg.objective
         flat = (keep + torch.arange(keep.shape[0])[:, None] * K).flatten()  # (b*M,) local
         r_kept = r.flatten()[flat].to(self.device)
@@ -392,7 +368,7 @@ class PostTrainer:
         n_total = n_local * self.dist.world                                # B*M, global
         first = self.dist.rank * n_local                    # this rank's first global sample
         g = torch.Generator().manual_seed(derive_seed(int(self.cfg.seed), self.step, 10**6))
-        self.policy.train()
+        self.model.train()
         self.opt.zero_grad()
         parts = {"loss": 0.0, "loss/pos": 0.0, "loss/neg": 0.0, "loss/kl": 0.0,
                  "old_deviation": 0.0}
@@ -400,11 +376,10 @@ class PostTrainer:
         frac = 1.0 / (n_total * F)                           # global normalisation
         micro = int(self.cfg.trainer.micro_batch or n_total)
         for c in range(F):
+            sigma_all = self.sample_sigma(n_total, g)                    # every kept sample
+            eps_all = torch.randn((n_total, *cands.latents[c].shape[1:]), generator=g)
             for s in range(0, n_total, micro):
                 m = min(micro, n_total - s)                 # one process's micro-batch
-                shape = (m, *cands.latents[c].shape[1:])
-                sigma_all = self.sample_sigma(m, g)
-                eps_all = torch.randn(shape, generator=g)
                 lo, hi = max(s, first), min(s + m, first + n_local)     # our rows of it
                 if lo >= hi:
                     continue
@@ -412,15 +387,19 @@ class PostTrainer:
                 x0 = cands.latents[c][sel]                                 # (m, L, C, Hs, Ws)
                 buf = HistoryBuffer(cands.buffers[c].latents[sel], cands.buffers[c].actions[sel])
                 acts = cands.actions[c][sel]
-                sigma = sigma_all[lo - s:hi - s].to(self.device)
-                eps = eps_all[lo - s:hi - s].to(self.device)
+                sigma = sigma_all[lo:hi].to(self.device)
+                eps = eps_all[lo:hi].to(self.device)
                 x_sigma = x0 + sigma.view(-1, *[1] * (x0.dim() - 1)) * eps
                 with self.autocast():                    # network calls only; losses fp32
-                    x0_theta = self.policy.denoise(x_sigma, sigma, buf, acts).float()
+                    with self.roles.use("policy") as policy:
+                        x0_theta = policy.denoise(x_sigma, sigma, buf, acts).float()
                     with torch.no_grad():
-                        x0_old = self.old.denoise(x_sigma, sigma, buf, acts).float()
-                        x0_base = (self.base.denoise(x_sigma, sigma, buf, acts).float()
-                                   if float(o.w_kl) > 0 else None)
+                        with self.roles.use("old") as old:
+                            x0_old = old.denoise(x_sigma, sigma, buf, acts).float()
+                        x0_base = None
+                        if float(o.w_kl) > 0:
+                            with self.roles.use(BASE) as base:   # adapters off
+                                x0_base = base.denoise(x_sigma, sigma, buf, acts).float()
                 out = nft_loss(x0_theta, x0_old, x0, r_kept[lo - first:hi - first],
                                float(o.beta), self.variant)
                 loss = out["loss"]
@@ -434,7 +413,7 @@ class PostTrainer:
                 parts["loss/neg"] += out["neg"].sum().item() * frac
                 parts["old_deviation"] += (x0_theta.detach() - x0_old).pow(2).flatten(1) \
                     .mean(1).sqrt().sum().item() * frac
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params = self.roles.params("policy")
         if self.dist.enabled:                     # sums over ranks = one process's sums
             self.sum_gradients(params)
             totals = torch.tensor([parts[k] for k in parts], dtype=torch.float64)
@@ -446,7 +425,7 @@ class PostTrainer:
         self.opt.set_lr_factor(warmup_cosine(self.step, int(self.cfg.optim.warmup_steps),
                                              int(self.cfg.trainer.steps)))
         self.opt.step()
-        self.policy.eval()
+        self.model.eval()
         parts["grad_norm"] = float(gnorm)
         return parts
 
@@ -471,11 +450,9 @@ class PostTrainer:
     # -- S5: EMA of the old policy and of the policy ----------------------------------------
     def stage_ema(self) -> float:
         d = self.old_schedule.decay(self.step)
-        ema_update(trainable_params(self.old, self.trainable),
-                   trainable_params(self.policy, self.trainable), d)
-        if self.ema is not None:
-            ema_update(trainable_params(self.ema, self.trainable),
-                       trainable_params(self.policy, self.trainable),
+        ema_update(self.roles.params("old"), self.roles.params("policy"), d)
+        if self.has_ema:
+            ema_update(self.roles.params("ema"), self.roles.params("policy"),
                        float(self.cfg.policy_ema.decay))
         return d
 
@@ -517,10 +494,9 @@ class PostTrainer:
             while self.step < total:
                 times = {}
                 batch, P, seeds = self.stage_starts()                               # S0
-                sampler = self.policy if cfg.rollout.sampling_policy == "current" else self.old
                 cands, truth = self.stage_rollouts(batch, P, seeds, times)          # S1 + S2
                 t = time.perf_counter()
-                R, A, r, info = self.stage_score(cands, truth, sampler)             # S3
+                R, A, r, info = self.stage_score(cands, truth)             # S3
                 keep = best_of_n(R, cfg.rollout.best_of_n)                          # S3b
                 times["time/reward"] = time.perf_counter() - t
                 t = time.perf_counter()
@@ -605,9 +581,8 @@ class PostTrainer:
         same summed gradients and the same optimiser step); a cheap checksum, compared."""
         if not self.dist.enabled:
             return
-        models = [self.policy, self.old] + ([self.ema] if self.ema is not None else [])
-        sums = torch.stack([p.detach().double().sum().cpu() for m in models
-                            for p in trainable_params(m, self.trainable)])
+        sums = torch.stack([p.detach().double().sum().cpu() for role in self.roles.roles
+                            for p in self.roles.params(role)])
         every = self.dist.gather_cat(sums[None])
         for rank in range(1, len(every)):
             if not torch.equal(every[rank], every[0]):
@@ -631,8 +606,9 @@ class PostTrainer:
 
     def check_frozen(self) -> None:
         if self.step in (1, int(self.cfg.trainer.steps)):
-            for n, p in self.policy.named_parameters():
-                if not p.requires_grad and not torch.equal(p, self.frozen_reference[n]):
+            now = self.roles.frozen_checksums()
+            for n, c in self.frozen.items():
+                if not torch.equal(now[n], c):
                     raise AssertionError(f"frozen parameter {n} changed during post-training")
 
     # -- S6b: in-training check on held-out episodes (for curves and Optuna pruning) --------
@@ -643,10 +619,10 @@ class PostTrainer:
         s = EvalSettings(split=SELECTION_SPLIT, num_chunks=int(self.cfg.trainer.eval_chunks),
                          max_samples=int(self.cfg.trainer.eval_samples), batch_size=e.batch_size,
                          num_steps=e.num_steps, seed=int(e.seed), num_videos=0, masked=False)
-        model = self.ema if self.ema is not None else self.policy
-        summary = evaluate(model_predictor(model), self.cfg.data.root, None, s,
-                           future=self.setup.future, stride=int(self.cfg.data.stride),
-                           lpips_device=str(self.device), progress=False)
+        with self.roles.use(self.eval_role) as model:
+            summary = evaluate(model_predictor(model), self.cfg.data.root, None, s,
+                               future=self.setup.future, stride=int(self.cfg.data.stride),
+                               lpips_device=str(self.device), progress=False)
         return flat_metrics(summary["metrics"], prefix="val/")
 
     # -- S7: the post-trained model and its own evaluation ----------------------------------
@@ -663,8 +639,8 @@ class PostTrainer:
 
         def write_model() -> None:
             if not self.final_model_written():
-                final = self.ema if self.ema is not None else self.policy
-                save_world_model(self.base, path, state_dict=merged_state_dict(final))
+                save_world_model(self.model, path,
+                                 state_dict=self.roles.merged_state_dict(self.eval_role))
                 self.run.set_status("evaluating", self.step)
 
         self.dist.main_only(write_model)    # every rank returns once model.pt is written
@@ -683,23 +659,6 @@ class PostTrainer:
                     raise
         self.run.set_status("completed", self.step)
         return path
-
-
-def trainable_params(model: torch.nn.Module, names: list[str]) -> list[torch.Tensor]:
-    params = dict(model.named_parameters())
-    return [params[n] for n in names]
-
-
-def trainable_state_of(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().clone() for n in names}
-
-
-@torch.no_grad()
-def load_named(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    for n, v in state.items():
-        params[n].copy_(v)
 
 
 def run_plan(run_dir: str | Path, identity: dict, cfg: DictConfig) -> str:

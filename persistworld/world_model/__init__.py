@@ -85,7 +85,15 @@ def load_world_model(path_or_run_dir: str | Path, map_location: str | torch.devi
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise UserError(f"{path} is not a persistworld world model file (no format marker)")
     model = build_world_model(blob["config"])
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:      # weights of another architecture than the file's settings
+        first = str(e).split("\n\t")[1:2] or [str(e)[:200]]
+        raise UserError(f"{path}: its weights do not fit the model its settings build "
+                        f"({first[0].strip()[:200]}); it was probably written by an older "
+                        f"persistworld whose defaults differed: add the missing settings to "
+                        f"its 'config' (e.g. frame_head: 0 for files without a FrameHead) or "
+                        f"retrain it") from e
     return model.eval()
 
 

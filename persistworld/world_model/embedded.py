@@ -103,6 +103,9 @@ class EmbeddedConfig:
     frame_head: int = 128               # >0: FrameHead of this width maps the UNet's features to
                                         #   each future frame's output (0 = the UNet outputs L*C)
     unet_out_channels: int = 64         # feature channels the UNet hands the FrameHead
+    action_maps: bool = False           # also feed every frame's pose as constant input maps
+                                        #   ((H+L)*A channels) plus 2 coordinate maps, so the
+                                        #   convolutions see pose and position together
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "EmbeddedConfig":
@@ -246,12 +249,28 @@ class FrameHead(nn.Module):
         return self.out(z).reshape(B, L, C, Hs, Ws)
 
 
+def action_map_channels(cfg: EmbeddedConfig) -> int:
+    """Extra UNet input channels of ``action_maps``: (H+L)*A pose maps + 2 coordinate maps."""
+    return (cfg.history + cfg.future) * cfg.action_dim + 2 if cfg.action_maps else 0
+
+
+def action_maps(actions: torch.Tensor, hs: int, ws: int) -> torch.Tensor:
+    """(B, T, A) poses -> (B, T*A + 2, hs, ws): each pose value as a constant map, then the
+    row and column coordinates in [-1, 1] (where a pose puts the arm depends on the pixel)."""
+    B = actions.shape[0]
+    poses = actions.reshape(B, -1, 1, 1).expand(B, actions.shape[1] * actions.shape[2], hs, ws)
+    rows = torch.linspace(-1, 1, hs, device=actions.device, dtype=actions.dtype)
+    cols = torch.linspace(-1, 1, ws, device=actions.device, dtype=actions.dtype)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))[None].expand(B, 2, hs, ws)
+    return torch.cat([poses, grid], 1)
+
+
 def build_unet(cfg: EmbeddedConfig):
     from diffusers import UNet2DConditionModel
     C = cfg.channels
     down = list(cfg.down_block_types)
     return UNet2DConditionModel(
-        sample_size=None, in_channels=(cfg.future + cfg.history) * C,
+        sample_size=None, in_channels=(cfg.future + cfg.history) * C + action_map_channels(cfg),
         out_channels=cfg.unet_out_channels if cfg.frame_head else cfg.future * C,
         down_block_types=down,
         up_block_types=[_UP_BLOCK[b] for b in reversed(down)],
@@ -326,7 +345,10 @@ class EmbeddedWorldModel(WorldModel):
         B, L, C, Hs, Ws = x_in.shape
         hist = buffer.latents.reshape(B, -1, Hs, Ws)                     # (B, H*C, Hs, Ws)
         unet_in = torch.cat([x_in.reshape(B, L * C, Hs, Ws), hist], 1)  # (B, (L+H)*C, Hs, Ws)
-        tokens = self.action_encoder(torch.cat([buffer.actions, future_actions], 1))
+        poses = torch.cat([buffer.actions, future_actions], 1)            # (B, H+L, A)
+        if self.cfg.action_maps:
+            unet_in = torch.cat([unet_in, action_maps(poses.to(unet_in), Hs, Ws)], 1)
+        tokens = self.action_encoder(poses)
         # the UNet's sinusoidal embedding spans periods 1 .. 10^4; c_noise = ln(sigma)/4 lies in
         # about [-1.6, 1.1], so it is stretched first (as EDM's VP nets receive 999 t)
         timestep = noise_cond * self.cfg.noise_cond_scale                  # (B,)

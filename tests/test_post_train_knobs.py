@@ -1,0 +1,276 @@
+"""Post-training's memory layout (one frozen backbone with named adapters) and the knobs the
+ablation tables turn: each test here fails if its knob stops doing what the table assumes."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from test_post_train import _compose, _post_overrides, _rows, _weights, base_model  # noqa: F401
+
+SHORT = ["trainer.steps=3", "trainer.eval_every=0", "eval.enabled=false", "trainer.ckpt_every=3"]
+
+
+def _trainer(tiny_dataset, base_model, run_dir, extra=()):  # noqa: F811
+    from persistworld.trainers.post_train import PostTrainer
+    overrides = _post_overrides(tiny_dataset, base_model, run_dir, [*SHORT, *extra])
+    return PostTrainer(_compose("post_train", overrides), overrides=overrides)
+
+
+def _run(tiny_dataset, base_model, run_dir, extra=()):  # noqa: F811
+    from persistworld.trainers.post_train import post_train
+    overrides = _post_overrides(tiny_dataset, base_model, run_dir, [*SHORT, *extra])
+    post_train(_compose("post_train", overrides), overrides=overrides)
+    return run_dir
+
+
+def _last_ckpt(run_dir):
+    return torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+
+
+# ---- one backbone -------------------------------------------------------------------------
+def test_the_trainer_holds_one_copy_of_every_frozen_tensor(tiny_dataset, base_model,  # noqa: F811
+                                                            tmp_path):
+    """With the policy, the old policy and the policy EMA all live, every frozen backbone
+    tensor exists in exactly one storage among everything the trainer holds, and the three
+    roles have their own LoRA factors."""
+    from persistworld.trainers.adapters import BASE, ENCODER
+    from persistworld.utils.census import held_tensors, storage_key
+    tr = _trainer(tiny_dataset, base_model, tmp_path / "run", ["policy_ema.decay=0.9"])
+    assert tr.roles.roles == ("policy", "old", "ema")
+    with tr.roles.use(BASE) as m:
+        frozen = {n: p for n, p in m.named_parameters()
+                  if ".lora_" not in n and not n.startswith(ENCODER + ".")}
+    assert frozen and not any(p.requires_grad for p in frozen.values())
+    mine = {storage_key(p) for p in frozen.values()}
+    others = [t for t in held_tensors(tr) if storage_key(t) not in mine]
+    for n, p in frozen.items():
+        copies = [t for t in others if t.shape == p.shape and torch.equal(t, p)]
+        assert not copies, f"{n} is held {1 + len(copies)} times"
+    # the count of backbone storages is that of the base model itself
+    from persistworld.world_model import load_world_model
+    assert len(mine) == sum(1 for n, _ in load_world_model(base_model).named_parameters()
+                            if not n.startswith(ENCODER + "."))
+    # each role has its own adapter tensors (copies of the policy's at the start)
+    ids = [{storage_key(p) for p in tr.roles.params(r)} for r in tr.roles.roles]
+    assert all(a.isdisjoint(b) for i, a in enumerate(ids) for b in ids[i + 1:])
+    for role in ("old", "ema"):
+        for a, b in zip(tr.roles.params("policy"), tr.roles.params(role), strict=True):
+            assert torch.equal(a, b)
+    assert all(p.requires_grad for p in tr.roles.params("policy"))
+    assert not any(p.requires_grad for r in ("old", "ema") for p in tr.roles.params(r))
+
+
+class SeparateCopies:
+    """The layout before named adapters, kept as the oracle: base, policy, old policy and EMA
+    as four deep copies of the model, one LoRA adapter each."""
+
+    def __init__(self, model, roles, rank, alpha, target_modules, train_action_encoder=True):
+        from peft import LoraConfig, inject_adapter_in_model
+        model.requires_grad_(False)
+        policy = copy.deepcopy(model)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                           target_modules=list(target_modules)),
+                                policy.adapter_root())
+        for n, p in policy.named_parameters():
+            p.requires_grad_("lora_" in n or (train_action_encoder
+                                              and n.startswith("action_encoder.")))
+        self.roles = tuple(roles)
+        self.models = {"base": model, "policy": policy,
+                       **{r: copy.deepcopy(policy).requires_grad_(False) for r in roles[1:]}}
+        self.names = [n for n, p in policy.named_parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def use(self, role):
+        yield self.models[role]
+
+    def params(self, role):
+        named = dict(self.models[role].named_parameters())
+        return [named[n] for n in self.names]
+
+    def named_trainable(self):
+        return list(zip(self.names, self.params("policy")))
+
+    def state(self, role):
+        return {n: p.detach().clone() for n, p in zip(self.names, self.params(role))}
+
+    def load_state(self, role, state, source=""):
+        for n, p in zip(self.names, self.params(role)):
+            p.data.copy_(state[n])
+
+    def copy_(self, source, target):
+        for t, s in zip(self.params(target), self.params(source)):
+            t.data.copy_(s)
+
+    def frozen_checksums(self):
+        return {}
+
+    def merged_state_dict(self, role):
+        from peft.tuners.lora import LoraLayer
+        merged = copy.deepcopy(self.models[role])
+        for m in merged.modules():
+            if isinstance(m, LoraLayer):
+                m.merge()
+        return {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items()
+                if "lora_" not in k}
+
+
+@pytest.mark.parametrize("extra", [
+    ["old_policy.schedule=frozen", "policy_ema.decay=0.5", "objective.w_kl=0.01"],
+    ["old_policy.schedule=copy", "policy_ema.decay=0.5"],
+    ["old_policy.schedule=affine", "policy_ema.decay=0.5", "rollout.sampling_policy=old"],
+], ids=["frozen", "copy", "affine-sample-old"])
+def test_named_adapters_equal_separate_copies(tiny_dataset, base_model, tmp_path,  # noqa: F811
+                                              monkeypatch, extra):
+    """The shared-backbone trainer ends with the same weights, checkpoint and losses as the
+    four-copies layout it replaced, for the old-policy schedules (d = 1, 0, in between), with
+    the policy EMA on, the KL term on, and rollouts sampled by the old policy."""
+    import persistworld.trainers.post_train as pt
+    shared = _run(tiny_dataset, base_model, tmp_path / "shared", extra)
+    monkeypatch.setattr(pt, "NamedAdapters", SeparateCopies)
+    copies = _run(tiny_dataset, base_model, tmp_path / "copies", extra)
+    a, b = _weights(shared), _weights(copies)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    ca, cb = _last_ckpt(shared), _last_ckpt(copies)
+    for role in ("policy", "old", "ema"):
+        assert ca[role].keys() == cb[role].keys()
+        for k in ca[role]:
+            torch.testing.assert_close(ca[role][k], cb[role][k], rtol=0, atol=1e-6)
+    assert [r["loss"] for r in _rows(shared, "train")] == pytest.approx(
+        [r["loss"] for r in _rows(copies, "train")], abs=1e-7)
+    assert any(not torch.equal(ca["policy"][k], ca["ema"][k]) for k in ca["policy"])
+
+
+# ---- the knobs ----------------------------------------------------------------------------
+def test_micro_batches_change_memory_not_the_result(tiny_dataset, base_model,  # noqa: F811
+                                                     tmp_path):
+    """trainer.micro_batch=1 (one candidate per backward pass) accumulates to the same step
+    as all candidates at once: the same noise per sample, the same summed gradients."""
+    whole = _run(tiny_dataset, base_model, tmp_path / "whole", ["optim.grad_clip=0"])
+    micro = _run(tiny_dataset, base_model, tmp_path / "micro",
+                 ["optim.grad_clip=0", "trainer.micro_batch=1"])
+    a, b = _weights(whole), _weights(micro)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    la, lb = _rows(whole, "train"), _rows(micro, "train")
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-4)
+
+
+def test_sigma_source_sampler_grid_uses_the_samplers_levels(tiny_dataset,  # noqa: F811
+                                                             base_model, tmp_path):
+    """objective.sigma=sampler_grid draws the update's noise levels from the rollout
+    sampler's own grid; lognormal draws from the training distribution (off the grid)."""
+    grid_tr = _trainer(tiny_dataset, base_model, tmp_path / "g",
+                       ["objective.sigma=sampler_grid"])
+    grid = grid_tr.model.sampler_sigmas(grid_tr.cfg.rollout.sampler_steps)[:-1]
+    drawn = grid_tr.sample_sigma(200, torch.Generator().manual_seed(0))
+    assert torch.isin(drawn, grid).all()
+    assert len(torch.unique(drawn)) == len(grid) == int(grid_tr.cfg.rollout.sampler_steps)
+    logn = _trainer(tiny_dataset, base_model, tmp_path / "l").sample_sigma(
+        200, torch.Generator().manual_seed(0))
+    assert not torch.isin(logn, grid).any() and len(torch.unique(logn)) == 200
+
+
+def test_sampling_policy_old_samples_with_the_old_adapter(tiny_dataset, base_model,  # noqa: F811
+                                                          tmp_path, monkeypatch):
+    """rollout.sampling_policy=old: every prefix and branch chunk is sampled with the old
+    policy's adapter active (current: the policy's); the update still trains the policy."""
+    from persistworld.world_model.embedded import EmbeddedWorldModel
+    import persistworld.trainers.post_train as pt
+    seen, trainers = [], []
+    inner = EmbeddedWorldModel.sample_chunk
+
+    def spy(self, *a, **k):
+        seen.append(trainers[0].roles.active)
+        return inner(self, *a, **k)
+
+    real = pt.PostTrainer.__init__
+
+    def init(self, *a, **k):
+        real(self, *a, **k)
+        trainers.append(self)
+
+    monkeypatch.setattr(EmbeddedWorldModel, "sample_chunk", spy)
+    monkeypatch.setattr(pt.PostTrainer, "__init__", init)
+    for policy in ("old", "current"):
+        seen.clear(), trainers.clear()
+        run = _run(tiny_dataset, base_model, tmp_path / policy,
+                   [f"rollout.sampling_policy={policy}", "trainer.steps=1"])
+        assert seen and set(seen) == {"old" if policy == "old" else "policy"}, policy
+        assert _rows(run, "train")[0]["loss"] != 0
+
+
+def test_policy_ema_is_what_gets_exported_and_does_not_steer_training(  # noqa: F811
+        tiny_dataset, base_model, tmp_path):
+    """policy_ema.decay > 0 (Table 11): the policy trains exactly as without it, the EMA is
+    p_ema <- d p_ema + (1 - d) p, and model.pt is the EMA's merged weights, not the policy's."""
+    plain = _run(tiny_dataset, base_model, tmp_path / "plain", ["trainer.ckpt_every=1"])
+    ema = _run(tiny_dataset, base_model, tmp_path / "ema",
+               ["policy_ema.decay=0.5", "trainer.ckpt_every=1"])
+    cp, ce = _last_ckpt(plain), _last_ckpt(ema)
+    for k in cp["policy"]:
+        torch.testing.assert_close(cp["policy"][k], ce["policy"][k], rtol=0, atol=0)
+    prev, last = [torch.load(p, weights_only=False)
+                  for p in sorted((ema / "checkpoints").glob("*.pt"))]
+    assert (prev["step"], last["step"]) == (2, 3)
+    for k in last["ema"]:
+        torch.testing.assert_close(last["ema"][k], 0.5 * prev["ema"][k] + 0.5 * last["policy"][k],
+                                   rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(last["ema"][k], last["policy"][k]) for k in last["ema"])
+    pe, pp = _weights(ema), _weights(plain)
+    assert any(not torch.equal(pe[n], pp[n]) for n in pe)
+
+
+def test_branch_chunks_f2_update_both_chunks(tiny_dataset, base_model, tmp_path,  # noqa: F811
+                                             monkeypatch):
+    """rollout.branch_chunks=2 (Table 7): each candidate is two chunks, the second
+    conditioned on the first (its history ends with the first chunk's frames), and the update
+    trains on both (two policy forward passes per step)."""
+    import persistworld.trainers.post_train as pt
+    captured, calls = [], []
+    real_update = pt.PostTrainer.stage_update
+
+    def update(self, cands, keep, r):
+        captured.append(cands)
+        inner = self.model.denoise
+
+        def count(*a, **k):
+            calls.append(self.roles.active)
+            return inner(*a, **k)
+        self.model.denoise = count
+        try:
+            return real_update(self, cands, keep, r)
+        finally:
+            del self.model.denoise
+
+    monkeypatch.setattr(pt.PostTrainer, "stage_update", update)
+    _run(tiny_dataset, base_model, tmp_path / "f2",
+         ["rollout.branch_chunks=2", "trainer.steps=1", "objective.w_kl=0"])
+    cands = captured[0]
+    assert len(cands.latents) == 2
+    L = cands.latents[0].shape[1]
+    torch.testing.assert_close(cands.buffers[1].latents[:, -L:], cands.latents[0])
+    assert calls.count("policy") == 2 and calls.count("old") == 2
+
+
+def test_muon_in_the_trainer(tiny_dataset, base_model, tmp_path):  # noqa: F811
+    """optim.name=muon: LoRA matrices go to Muon, the action encoder's frame embedding and the
+    biases to AdamW, and the run's weights differ from an AdamW run's."""
+    from torch.optim import AdamW
+    tr = _trainer(tiny_dataset, base_model, tmp_path / "t", ["optim.name=muon"])
+    names = {id(p): n for n, p in tr.roles.named_trainable()}
+    groups = {type(o).__name__: [names[id(p)] for g in o.param_groups for p in g["params"]]
+              for o in tr.opt.optimizers}
+    muon = next(v for k, v in groups.items() if k != AdamW.__name__)
+    adamw = groups[AdamW.__name__]
+    assert muon and all(".lora_" in n or n.endswith("weight") for n in muon)
+    assert "action_encoder.frame_embedding" in adamw
+    assert all(not n.endswith("bias") for n in muon)
+    a = _run(tiny_dataset, base_model, tmp_path / "muon", ["optim.name=muon"])
+    b = _run(tiny_dataset, base_model, tmp_path / "adamw", ["optim.name=adamw"])
+    wa, wb = _weights(a), _weights(b)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
