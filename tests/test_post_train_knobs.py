@@ -274,3 +274,20 @@ def test_muon_in_the_trainer(tiny_dataset, base_model, tmp_path):  # noqa: F811
     b = _run(tiny_dataset, base_model, tmp_path / "adamw", ["optim.name=adamw"])
     wa, wb = _weights(a), _weights(b)
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_gradient_checkpointing_changes_memory_not_the_weights(tiny_dataset,  # noqa: F811
+                                                               base_model, tmp_path):
+    """trainer.gradient_checkpointing=true recomputes the UNet's activations in backward (it
+    is really on) and ends with the same weights; the fingerprint ignores it."""
+    tr = _trainer(tiny_dataset, base_model, tmp_path / "t", ["trainer.gradient_checkpointing=true"])
+    assert tr.model.adapter_root().is_gradient_checkpointing
+    plain = _run(tiny_dataset, base_model, tmp_path / "plain", ["trainer.steps=2"])
+    ckpt = _run(tiny_dataset, base_model, tmp_path / "ckpt",
+                ["trainer.steps=2", "trainer.gradient_checkpointing=true"])
+    a, b = _weights(plain), _weights(ckpt)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    import json
+    fp = [json.loads((d / "fingerprint.json").read_text())["fingerprint"] for d in (plain, ckpt)]
+    assert fp[0] == fp[1]

@@ -103,6 +103,8 @@ class TrainerConf:
     num_threads: Optional[int] = None  # torch CPU threads; null = all cores
     progress: bool = True            # tqdm bar
     precision: str = "fp32"          # fp32 | bf16 (autocast around the network calls; GPU)
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in the update's
+                                     #   backward pass (less memory, more time; same result)
     distributed: str = "auto"        # auto: one process per torchrun/srun task when launched
                                      #   with several (WORLD_SIZE / SLURM_NTASKS > 1); off
 

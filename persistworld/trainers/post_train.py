@@ -235,6 +235,12 @@ class PostTrainer:
         for role in roles[1:]:
             self.roles.copy_("policy", role)
         self.frozen = self.roles.frozen_checksums()
+        if cfg.trainer.get("gradient_checkpointing", False):
+            root = base.adapter_root()
+            if not hasattr(root, "enable_gradient_checkpointing"):
+                raise UserError(f"trainer.gradient_checkpointing: the {type(root).__name__} "
+                                f"backbone does not support it")
+            root.enable_gradient_checkpointing()
         self.reward = MultiViewReward(weights, device=str(self.device))
         o = cfg.optim
         self.opt = build_optimizer(self.roles.named_trainable(), o.name, float(o.lr),

@@ -30,6 +30,8 @@ FILE = "fingerprint.json"
 # dotted key (or prefix) -> why it cannot change what the run computes
 NEUTRAL: dict[str, str] = {
     "run_dir": "where the run is written, not what it computes",
+    "trainer.gradient_checkpointing": "memory only: recomputed activations give the same "
+                                      "gradients (tested)",
     "sweep": "the run's place in a sweep layout (out / table / row names); the row's settings "
              "themselves are in the config",
     "base_model": "a path: the model file's sha256 is fingerprinted instead",
