@@ -7,13 +7,35 @@ held (frozen), next to "repeat the last frame".
 
 An action-conditioned model must score best with the true actions; equal rows mean the
 actions are ignored and motion cannot be predicted. Also prints the denoiser's response at
-sigma 10: ||D(true) - D(shuffled)|| / ||D(true) - last frame|| (0: the actions change nothing).
+sigma 10: ||D(true) - D(shuffled)|| / ||D(true) - last frame|| (0: the actions change nothing),
+and first checks the data: the correlation of pose change with frame change at lags -2..2.
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
+
+
+def alignment(data: str, future: int, clips: int = 60) -> None:
+    """Are poses and frames aligned in the data? Correlation over time of the frame-to-frame
+    pixel change with the pose change (xyz + rotation), at lags -2..2, over train clips."""
+    import random
+    from persistworld.data.dataset import RolloutDataset
+    ds = RolloutDataset(data, "train", 2, future, 1, None)
+    corr: dict[int, list[float]] = {lag: [] for lag in (-2, -1, 0, 1, 2)}
+    for i in random.Random(0).sample(range(len(ds)), min(clips, len(ds))):
+        it = ds[i]
+        df = (it["frames"][1:] - it["frames"][:-1]).abs().mean((1, 2, 3, 4))
+        da = (it["actions"][1:] - it["actions"][:-1])[:, :6].abs().sum(1)
+        for lag in corr:
+            x, y = (da[lag:], df[:len(df) - lag]) if lag >= 0 else (da[:lag], df[-lag:])
+            r = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
+            if r == r:                                      # a clip without motion: NaN
+                corr[lag].append(r)
+    print("data: corr(|pose change|, |frame change|) at lag " + ", ".join(
+        f"{lag:+d}: {sum(v) / len(v):.2f}" for lag, v in corr.items() if v)
+        + f" ({clips} train clips; aligned data peak at lag 0)")
 
 
 def main() -> None:
@@ -31,10 +53,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    ds = RolloutDataset(a.data, a.split, 1, 5, 1, 1, a.samples)
-    b = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+    future = load_world_model(a.models[0]).future
+    b = RolloutDataset(a.data, a.split, 1, future, 1, 1, a.samples).batch()
     truth = b["frames"]                                                   # (B, L, V, 3, h, w)
     n = len(truth)
+    alignment(a.data, future)
     perm = torch.roll(torch.arange(n), 1)                                 # another sample's
 
     def psnr(pred: torch.Tensor) -> str:
@@ -47,6 +70,9 @@ def main() -> None:
     for path in a.models:
         model = load_world_model(path)
         L = model.future
+        if L != future:
+            raise SystemExit(f"{path} predicts {L} frames, {a.models[0]} {future}: compare "
+                             f"models of one chunk layout")
         start = model.encode(b["start_frame"][:, None])[:, 0]
         buf = HistoryBuffer.backfill(start, b["start_action"], model.history)
         acts = b["actions"][:, :L]

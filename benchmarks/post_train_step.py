@@ -3,6 +3,7 @@ against K and the prefix length.
 
     .venv/bin/python benchmarks/post_train_step.py parts  [--steps 4] [--threads 2] [-- OVERRIDES]
     .venv/bin/python benchmarks/post_train_step.py memory [--k 2 4 8 16] [--prefix 0 2 4 8]
+    .venv/bin/python benchmarks/post_train_step.py held [-- OVERRIDES]
 
 ``parts``: builds the trainer of ``experiment=mini`` (or the overrides given after ``--``),
 times whole steps as the training loop runs them (S0-S5 with the bookkeeping between), then
@@ -16,6 +17,9 @@ process), each running one step with K candidates and a fixed prefix length P; p
 peak RSS above the process's own after loading (CPU), or ``torch.cuda.max_memory_allocated``
 with ``--device cuda``. Expect linear in K (candidates are a batch) and flat in P (the prefix
 is rolled out without gradients, one chunk at a time).
+
+``held``: the float tensors the built trainer holds (every distinct storage reachable from it,
+``persistworld/utils/census.py``), by part, against the base model's own weights.
 
 A benchmark, not a test: numbers depend on the machine and its load (run it alone).
 """
@@ -108,6 +112,23 @@ def _loop(tr) -> None:
         tr.finish, tr.plan_start = finish, plan
 
 
+def held(overrides: list[str]) -> None:
+    from persistworld.utils.census import held_tensors, storage_key
+    from persistworld.world_model import load_world_model
+
+    def mb(obj) -> float:
+        return sum({storage_key(t): t.untyped_storage().nbytes() for t in held_tensors(obj)
+                    if t.is_floating_point()}.values()) / 1e6
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = build(overrides, tmp)
+        base = sum(p.numel() * p.element_size()
+                   for p in load_world_model(tr.cfg.base_model).parameters()) / 1e6
+        print(f"base model weights {base:.2f} MB; the trainer holds {mb(tr):.2f} MB of float "
+              f"tensors ({mb(tr) / base:.2f}x): model + adapters + encoders "
+              f"{mb([tr.model, tr.roles]):.2f} MB, reward (LPIPS) {mb(tr.reward):.2f} MB, "
+              f"roles {tr.roles.roles}")
+
+
 def memory_one(k: int, p: int, device: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,14 +185,17 @@ def main() -> None:
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["parts", "memory"])
+    ap.add_argument("what", choices=["parts", "memory", "held"])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--prefix", type=int, nargs="+", default=[0, 2, 4, 8])
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
-    parts(a, overrides) if a.what == "parts" else memory(a)
+    if a.what == "held":
+        held(overrides)
+    else:
+        parts(a, overrides) if a.what == "parts" else memory(a)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    ds = RolloutDataset(a.data, a.split, 1, 5, 1, 1, a.samples)
-    b = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+    b = RolloutDataset(a.data, a.split, 1, 5, 1, 1, a.samples).batch()
     truth = b["frames"]                                                   # (B, L, V, 3, h, w)
 
     def score(pred: torch.Tensor) -> str:

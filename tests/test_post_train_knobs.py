@@ -26,6 +26,13 @@ def _run(tiny_dataset, base_model, run_dir, extra=()):  # noqa: F811
     return run_dir
 
 
+def _assert_same_weights(a_dir, b_dir, rtol, atol):
+    a, b = _weights(a_dir), _weights(b_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
 def _last_ckpt(run_dir):
     return torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
 
@@ -131,10 +138,7 @@ def test_named_adapters_equal_separate_copies(tiny_dataset, base_model, tmp_path
     shared = _run(tiny_dataset, base_model, tmp_path / "shared", extra)
     monkeypatch.setattr(pt, "NamedAdapters", SeparateCopies)
     copies = _run(tiny_dataset, base_model, tmp_path / "copies", extra)
-    a, b = _weights(shared), _weights(copies)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    _assert_same_weights(shared, copies, rtol=0, atol=1e-6)
     ca, cb = _last_ckpt(shared), _last_ckpt(copies)
     for role in ("policy", "old", "ema"):
         assert ca[role].keys() == cb[role].keys()
@@ -153,9 +157,7 @@ def test_micro_batches_change_memory_not_the_result(tiny_dataset, base_model,  #
     whole = _run(tiny_dataset, base_model, tmp_path / "whole", ["optim.grad_clip=0"])
     micro = _run(tiny_dataset, base_model, tmp_path / "micro",
                  ["optim.grad_clip=0", "trainer.micro_batch=1"])
-    a, b = _weights(whole), _weights(micro)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    _assert_same_weights(whole, micro, rtol=1e-4, atol=1e-6)
     la, lb = _rows(whole, "train"), _rows(micro, "train")
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-4)
 
@@ -285,9 +287,7 @@ def test_gradient_checkpointing_changes_memory_not_the_weights(tiny_dataset,  # 
     plain = _run(tiny_dataset, base_model, tmp_path / "plain", ["trainer.steps=2"])
     ckpt = _run(tiny_dataset, base_model, tmp_path / "ckpt",
                 ["trainer.steps=2", "trainer.gradient_checkpointing=true"])
-    a, b = _weights(plain), _weights(ckpt)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same_weights(plain, ckpt, rtol=1e-5, atol=1e-6)
     import json
     fp = [json.loads((d / "fingerprint.json").read_text())["fingerprint"] for d in (plain, ckpt)]
     assert fp[0] == fp[1]

@@ -294,6 +294,10 @@ class RolloutDataset(torch.utils.data.Dataset):
             "sample": i,
         }
 
+    def batch(self) -> dict:
+        """Every sample of the dataset collated into one batch (small benchmark sets)."""
+        return torch.utils.data.default_collate([self[i] for i in range(len(self))])
+
     @staticmethod
     def views() -> tuple[str, ...]:
         return VIEWS

@@ -75,11 +75,11 @@ class NamedAdapters:
         self._layer_ids = set(map(id, self.layers))
         self._trainable: set[int] = set()
         self.active: str | None = None
-        self._cache: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
-        self._cache = {role: self._collect(role) for role in self.roles}
+        self._cache: dict[str, list[tuple[str, torch.nn.Parameter]]] = {
+            role: self._collect(role) for role in self.roles}
         self._trainable = {id(p) for _, p in self._cache["policy"]}
         self._activate("policy")
-        self._reflag()
+        self._reflag()                     # _collect left "policy" active before _trainable
         for role in self.roles[1:]:
             self.copy_("policy", role)
 
