@@ -199,3 +199,41 @@ def test_preview_png(tiny_dataset, tmp_path):
     assert img.width > 5 * 64 * 2 and img.height > 6 * 64 * 2
     arr = np.asarray(img)
     assert arr.std() > 10  # not a blank sheet
+
+
+def test_pose_maps_draw_the_end_effector_on_the_robot(tiny_dataset):
+    """The camera geometry behind world_model.pose_maps: the numpy matrices equal pybullet's,
+    and the blob the embedded model draws for each frame's conditioning pose peaks on the
+    arm (robot or held-object pixels) in both external views, measured on real renders."""
+    import pybullet as p
+    from persistworld.data.sim import scene
+    from persistworld.world_model import build_world_model
+    mats = scene.external_camera_matrices(64, 64)
+    for name in ("ext1", "ext2"):
+        view = np.asarray(p.computeViewMatrix(scene.external_camera_eye(name),
+                                              scene.EXT_TARGET, [0, 0, 1])).reshape(4, 4).T
+        proj = np.asarray(p.computeProjectionMatrixFOV(scene.EXT_FOV, 1.0, *scene.EXT_NEAR_FAR)
+                          ).reshape(4, 4).T
+        np.testing.assert_allclose(proj @ view, mats[name], atol=1e-5)
+
+    store = EpisodeStore(tiny_dataset)
+    geometry = store.pose_map_geometry()
+    assert [bool(c) for c in geometry["pose_map_cameras"]] == [True, True, False]
+    model = build_world_model({"pose_maps": True, "patch": 1, "pose_map_width": 1.0,
+                               **geometry})
+    hits, seen = 0, 0
+    for eid in store.episode_ids("train"):
+        ep = store.load(eid)
+        poses = torch.from_numpy(store.normalize(ep.poses))[None]          # (1, T, 7)
+        maps = model.pose_maps(poses)[0]                                   # (T, 3*64, 64)
+        assert float(maps[:, 128:].amax((1, 2)).min()) > 0.5    # table landmarks in the wrist
+        for t in range(ep.num_steps):
+            for v in (0, 1):
+                m = maps[t, 64 * v:64 * (v + 1)]
+                if float(m.max()) < 0.5:                                   # out of view
+                    continue
+                r, c = divmod(int(m.argmax()), 64)
+                window = ep.mask[t, v, max(r - 2, 0):r + 3, max(c - 2, 0):c + 3]
+                hits += bool((window > 0).any())
+                seen += 1
+    assert seen > 50 and hits / seen > 0.7, (hits, seen)

@@ -20,14 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["trainer.steps=4", "trainer.eval_every=2", "eval.enabled=false"]
 
 
-def _torchrun(overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+def _launch_env() -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
+           and not k.startswith("SLURM_") or k == "SLURM_CONF"}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def _torchrun(overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "persistworld.cli", "post-train", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=_launch_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -79,6 +84,34 @@ def test_two_processes_match_one(one_process, tiny_dataset, base_model, tmp_path
     _torchrun(_post_overrides(tiny_dataset, base_model, resumed, FAST))
     assert "resumed from step 2" in (resumed / "log.txt").read_text()
     _same_run(one_process, resumed)
+
+
+def test_two_processes_with_micro_batches_match_one(one_process, tiny_dataset, base_model,
+                                                    tmp_path):  # noqa: F811
+    """trainer.micro_batch=1 on 2 ranks: every rank makes the same number of backward
+    passes, all but the last under DDP's no_sync; the run still equals one process (which
+    updates all candidates at once)."""
+    run = tmp_path / "micro"
+    _torchrun(_post_overrides(tiny_dataset, base_model, run, FAST + ["trainer.micro_batch=1"]))
+    _same_run(one_process, run)
+
+
+def test_two_slurm_tasks_match_one(one_process, tiny_dataset, base_model, tmp_path):  # noqa: F811
+    """A run launched by `srun -n 2` on the local SLURM cluster (slurm/local_cluster.sh):
+    the ranks come from SLURM_PROCID / SLURM_STEP_NUM_TASKS, the rendezvous from the step's
+    node list and job id, and the run ends as the 1-process run."""
+    from slurm_support import PARTITION, require_cluster
+    require_cluster()
+    run = tmp_path / "srun"
+    cmd = ["srun", "-p", PARTITION, "-n", "2", "--cpus-per-task=1", "--time=10",
+           "--kill-on-bad-exit=1", sys.executable, "-m", "persistworld.cli", "post-train",
+           *_post_overrides(tiny_dataset, base_model, run, FAST)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_launch_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "distributed: 2 processes (slurm, gloo)" in proc.stdout
+    assert "2 processes (slurm, gloo), 1 prefix(es) each" in (run / "log.txt").read_text()
+    _same_run(one_process, run)
 
 
 def test_batch_not_divisible_by_processes_is_rejected(

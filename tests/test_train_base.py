@@ -161,6 +161,49 @@ def test_init_from_starts_a_new_run_from_given_weights(uninterrupted, tiny_datas
             f"trainer.init_from={uninterrupted}", "world_model.block_out_channels=[32,32]"])))
 
 
+def test_init_from_may_add_pose_maps(uninterrupted, tiny_dataset, tmp_path):
+    """trainer.init_from a model without pose maps into world_model.pose_maps=true: the
+    cameras come from the dataset into the run's config and model file, the source weights
+    fill the old input channels and the new ones start at zero (lr ~ 0 keeps them there)."""
+    from persistworld.trainers.base import train_base
+    from persistworld.world_model import load_world_model
+    run = tmp_path / "maps"
+    train_base(_compose(_overrides(tiny_dataset, run, [
+        f"trainer.init_from={uninterrupted}", "trainer.steps=1", "trainer.lr=1e-12",
+        "trainer.warmup_steps=0", "world_model.pose_maps=true"])))
+    src, got = _weights(uninterrupted), _weights(run)
+    for k in ("unet.conv_in.weight", "head.inp.weight"):
+        n = src[k].shape[1]
+        assert got[k].shape[1] > n
+        assert torch.allclose(got[k][:, :n], src[k], atol=1e-6)
+        assert float(got[k][:, n:].abs().max()) < 1e-6
+    assert all(torch.allclose(src[k], got[k], atol=1e-6) for k in src if src[k].shape ==
+               got[k].shape)
+    assert "zero-initialised in unet.conv_in.weight, head.inp.weight" in \
+        (run / "log.txt").read_text()
+    model = load_world_model(run)
+    assert len(model.cfg.pose_map_cameras[0]) == 16 and model.cfg.pose_map_cameras[2] == []
+    assert "pose_map_cameras" in (run / "config.yaml").read_text()
+
+
+def test_motion_weight_reweights_the_loss(uninterrupted, tiny_dataset, tmp_path):
+    """trainer.motion_weight > 0 weighs the arm's and the object's cells (class masks) more:
+    the same first batch, noise and weights give another loss; negative values fail first."""
+    from persistworld.errors import UserError
+    from persistworld.trainers.base import train_base
+    with pytest.raises(UserError, match="trainer.motion_weight"):
+        train_base(_compose(_overrides(tiny_dataset, tmp_path / "bad",
+                                       ["trainer.motion_weight=-1"])))
+    assert not (tmp_path / "bad").exists()
+    run = tmp_path / "mw"
+    train_base(_compose(_overrides(tiny_dataset, run, ["trainer.steps=1",
+                                                       "trainer.motion_weight=4"])))
+    plain, weighted = _rows(uninterrupted, "train")[0], _rows(run, "train")[0]
+    assert plain["step"] == weighted["step"] == 1
+    assert weighted["mse"] == pytest.approx(plain["mse"], rel=1e-6)    # same prediction
+    assert weighted["loss"] != pytest.approx(plain["loss"], rel=1e-3)
+
+
 def test_lr_schedule_and_step_batches():
     from persistworld.trainers.base import lr_factor, step_indices
     assert lr_factor(0, 10, 100) == pytest.approx(0.1)

@@ -370,3 +370,84 @@ def test_export_keeps_the_weights_and_may_change_only_sampler_settings(model, tm
         export_main([str(run), str(out), "--sampler", "patch=2"])
     with pytest.raises(ValueError, match="sigma_min"):
         export_main([str(run), str(out), "--sampler", "sigma_min=100"])   # > sigma_max
+
+
+def _camera_looking_down(h: int, w: int) -> list[float]:
+    """A pinhole camera 1 m above the origin looking down: world (x, y) -> ndc (x, y)."""
+    m = torch.zeros(4, 4)
+    m[0, 0], m[1, 1], m[2, 2], m[3, 2], m[3, 3] = 1.0, 1.0, 0.0, 0.0, 1.0
+    return m.reshape(-1).tolist()
+
+
+def test_pose_maps_draw_each_frame_where_its_pose_projects():
+    """world_model.pose_maps=true: every frame's end-effector position becomes a blob in each
+    view that has a camera ((H+L) extra UNet channels, 2 per frame in the FrameHead); the
+    wrist (no camera) stays empty; moving one future pose moves only that frame's blob and
+    changes the output even with pose-blind tokens."""
+    cams = [_camera_looking_down(16, 16), [], []]
+    m = build_world_model({**TINY, "pose_maps": True, "pose_map_width": 2.0,
+                           "pose_map_cameras": cams,
+                           "pose_map_range": [[-1, -1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]]}).eval()
+    H, L = m.history, m.future
+    assert m.unet.config.in_channels == (H + L) * m.cfg.channels + H + L
+    assert m.head.inp.in_channels == m.cfg.unet_out_channels + 2 * m.cfg.channels + 2
+    poses = torch.zeros(1, H + L, 7)
+    poses[0, -1, :2] = torch.tensor([0.5, -0.5])      # last frame: right, lower half
+    maps = m.pose_maps(poses)[0]                       # (H+L, 3*4, 4): 4x4 cells per view
+    assert maps.shape == (H + L, 12, 4)
+    assert float(maps[:, 4:].abs().max()) == 0.0       # views without a camera
+    r0, c0 = divmod(int(maps[0, :4].argmax()), 4)
+    r1, c1 = divmod(int(maps[-1, :4].argmax()), 4)
+    assert (r1 > r0) and (c1 > c0)                      # row grows downward, column rightward
+    assert torch.equal(maps[:-1], maps[:1].expand(H + L - 1, 12, 4))
+
+    buf, acts = _inputs(m)
+    x = torch.randn(2, L, *m.latent_shape())
+    with torch.no_grad():
+        for p in m.action_encoder.parameters():          # tokens no longer see the poses
+            p.zero_()
+        moved = acts.clone()
+        moved[:, -1, :2] = -moved[:, -1, :2]
+        a = m.denoise(x, torch.ones(2), buf, acts)
+        b = m.denoise(x, torch.ones(2), buf, moved)
+    assert not torch.allclose(a, b)
+
+
+def test_pose_maps_settings_are_checked():
+    from persistworld.errors import UserError
+    with pytest.raises(UserError, match="pose_map_cameras is empty.*train-base` fills"):
+        build_world_model({**TINY, "pose_maps": True})
+    with pytest.raises(UserError, match="pose_map_cameras: 3 entries of 16"):
+        build_world_model({**TINY, "pose_maps": True, "pose_map_cameras": [[1.0] * 16],
+                           "pose_map_range": [[0] * 6, [1] * 6]})
+    with pytest.raises(UserError, match="pose_map_range"):
+        build_world_model({**TINY, "pose_maps": True, "pose_map_range": [[0, 0]],
+                           "pose_map_cameras": [[1.0] * 16, [], []]})
+
+
+def test_motion_weight_marks_the_cells_the_arm_covers(model):
+    """trainer.motion_weight: 1 + extra on the latent cells the class masks cover at any
+    frame of the chunk, dilated by one cell, in encode's layout; the denoising loss with it
+    is the plain loss for a uniform weight and moves toward the weighted cells' error."""
+    from persistworld.objectives.denoising import denoising_loss
+    B, L, V, h, w = 2, model.future, 3, 16, 16
+    masks = torch.zeros(B, L, V, h, w, dtype=torch.uint8)
+    masks[0, 2, 1, 4:8, 8:12] = 1                   # sample 0: view 1, one 4x4 patch = 1 cell
+    wgt = model.motion_weight(masks, 3.0)
+    C, Hs, Ws = model.latent_shape()
+    assert wgt.shape == (B, 1, C, Hs, Ws)
+    assert float(wgt[1].max()) == 1.0               # nothing moves in sample 1
+    cells = (wgt[0, 0, 0] > 1).nonzero().tolist()   # view 1 is rows 4-7 of the 12 x 4 grid
+    assert [5, 2] in cells and len(cells) == 9      # the cell (row 4 + 1, col 2), dilated
+    assert torch.all(wgt[0, 0, :, 5, 2] == 4.0)     # every channel of the cell
+    x0 = torch.randn(B, L, C, Hs, Ws)
+    buf, acts = _inputs(model)
+    sigma, eps = torch.ones(B), torch.randn(B, L, C, Hs, Ws)
+    with torch.no_grad():
+        plain = denoising_loss(model, x0, buf, acts, sigma, eps)["loss"]
+        flat = denoising_loss(model, x0, buf, acts, sigma, eps,
+                              weight=torch.full_like(wgt, 2.0))["loss"]
+        weighted = denoising_loss(model, x0, buf, acts, sigma, eps, weight=wgt)["loss"]
+    torch.testing.assert_close(flat, plain)
+    torch.testing.assert_close(weighted[1], plain[1])
+    assert not torch.allclose(weighted[0], plain[0])

@@ -94,7 +94,7 @@ class OptimConf:
 class TrainerConf:
     steps: int = 200                 # gradient updates (paper: 8000)
     batch_size: int = 2              # B prefixes per step, each with its own group (paper: 64)
-    micro_batch: Optional[int] = None  # candidates per backward pass; null = all at once
+    micro_batch: Optional[int] = None  # candidates per backward pass (per process); null = all
     ckpt_every: int = 25             # steps between numbered checkpoints
     eval_every: int = 0              # steps between in-training held-out checks; 0 = off
     eval_chunks: int = 2             # chunks rolled out per check

@@ -171,6 +171,23 @@ class EpisodeStore:
                                f"{entry['num_steps']}; {fix}")
 
     # -- action normalisation (DROID / Ctrl-World: 1st/99th percentile -> [-1, 1]) -------
+    def pose_map_geometry(self) -> dict:
+        """The settings the embedded world model's ``pose_maps`` need for this dataset: each
+        view's camera matrix (projection @ view of the external cameras without the
+        per-episode jitter; [] for the wrist camera), the rig of the wrist camera (it moves
+        with the hand) and the position / rotation the normalised poses -1 / +1 stand for
+        (``normalize``)."""
+        from persistworld.data.sim.scene import external_camera_matrices, wrist_camera_rig
+        rc = self.manifest["config"]
+        h, w = int(rc["image_height"]), int(rc["image_width"])
+        cams = external_camera_matrices(h, w)
+        stats = self.norm_stats["action"]
+        return {"pose_map_cameras": [cams[v].reshape(-1).tolist() if v in cams else []
+                                     for v in VIEWS],
+                "pose_map_range": [[float(x) for x in stats["p01"][:6]],
+                                   [float(x) for x in stats["p99"][:6]]],
+                "pose_map_wrist": {"view": VIEWS.index("wrist"), **wrist_camera_rig(h, w)}}
+
     def normalize(self, x: np.ndarray, key: str = "action") -> np.ndarray:
         lo = np.asarray(self.norm_stats[key]["p01"], np.float32)
         hi = np.asarray(self.norm_stats[key]["p99"], np.float32)

@@ -38,21 +38,29 @@ def noised_history(buffer: HistoryBuffer, history_sigma: float,
 def denoising_loss(model: WorldModel, x0: torch.Tensor, buffer: HistoryBuffer,
                    future_actions: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
                    history_sigma: float = 0.0, history_eps: torch.Tensor | None = None,
-                   history_level: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   history_level: torch.Tensor | None = None,
+                   weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-sample weighted denoising loss.
 
     x0: (N, L, C, Hs, Ws) clean future latents; buffer: ground-truth history (N, H, ...);
     future_actions: (N, L, A); sigma: (N,) noise levels; eps: like x0, standard normal.
     Returns ``loss`` (N,) = lambda(sigma) * per-sample MSE(x0_hat, x0), and ``mse`` (N,), the
-    unweighted x0 error (detached, for logging).
+    unweighted x0 error (detached, for logging). ``weight`` (broadcastable to x0, >= 0): a
+    per-element weighting of the squared error, normalised per sample (sum w e^2 / sum w), so
+    the loss keeps its scale (``trainer.motion_weight``).
     """
     x_sigma = x0 + _expand(sigma, x0) * eps
     x0_hat = model.denoise(x_sigma, sigma, noised_history(buffer, history_sigma, history_eps,
                                                          history_level),
                            future_actions)
-    mse = (x0_hat - x0).pow(2).flatten(1).mean(1)                       # (N,)
+    err = (x0_hat - x0).pow(2)
+    mse = err.flatten(1).mean(1)                                         # (N,)
+    fit = mse
+    if weight is not None:
+        w = weight.expand_as(err)
+        fit = (w * err).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)
     sigma_data = float(getattr(getattr(model, "cfg", None), "sigma_data", 1.0))
-    return {"loss": edm.loss_weight(sigma, sigma_data) * mse, "mse": mse.detach()}
+    return {"loss": edm.loss_weight(sigma, sigma_data) * fit, "mse": mse.detach()}
 
 
 def draw_noise(model: WorldModel, x0: torch.Tensor, history: torch.Tensor,

@@ -21,10 +21,10 @@ import math
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from persistworld.objectives.denoising import denoising_loss, draw_noise
 from persistworld.utils.rundir import (RunDir, hydra_overrides, rng_state, seed_everything,
@@ -88,6 +88,8 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"trainer.{key} must be >= 1, got {t[key]}")
     if float(t.lr) <= 0:
         raise UserError(f"trainer.lr must be > 0, got {t.lr}")
+    if float(t.get("motion_weight", 0.0)) < 0:
+        raise UserError(f"trainer.motion_weight must be >= 0, got {t.motion_weight}")
     if str(t.schedule) not in SCHEDULES:
         raise UserError(f"trainer.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
     if int(t.eval_sample_clips) > int(t.eval_clips):
@@ -181,19 +183,54 @@ def init_path(init: str | Path) -> Path:
     return path
 
 
-def _init_weights(model: WorldModel, init: str | Path) -> None:
+def grow_input_channels(target: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor]
+                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The source weights laid into the target's shapes where the target only has MORE input
+    channels (dim 1 of a conv / linear weight): the source fills the leading channels and the
+    new ones start at zero, so the grown model computes exactly what the source did until
+    training uses the new inputs (new inputs are appended after the old ones, as
+    ``pose_maps`` appends its maps). Returns (state dict, names of the grown tensors)."""
+    out, grown = {}, []
+    for k, v in source.items():
+        t = target.get(k)
+        if t is not None and t.shape != v.shape and t.dim() == v.dim() >= 2 \
+                and t.shape[0] == v.shape[0] and t.shape[2:] == v.shape[2:] \
+                and t.shape[1] > v.shape[1]:
+            w = torch.zeros_like(t)
+            w[:, :v.shape[1]] = v
+            out[k], v = w, w
+            grown.append(k)
+        out[k] = v.float()
+    return out, grown
+
+
+def _init_weights(model: WorldModel, init: str | Path) -> list[str]:
     """``trainer.init_from``: start a new run from the weights of a model file (a run's
     model.pt or an exported one) of the same architecture; settings that only shape training
-    or sampling (noise levels, history noise, sampler) may differ. A resumed run ignores it:
-    its checkpoint holds the weights."""
+    or sampling (noise levels, history noise, sampler) may differ, and so may added inputs
+    (``pose_maps``: ``grow_input_channels``). A resumed run ignores it: its checkpoint holds
+    the weights. Returns the names of the grown tensors."""
     from persistworld.world_model import load_world_model
     path = init_path(init)
     source = load_world_model(path)
+    weights, grown = grow_input_channels(model.state_dict(), source.state_dict())
     try:
-        model.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise UserError(f"trainer.init_from={path} holds another architecture than "
                         f"world_model.*: {str(e).splitlines()[0]}") from None
+    return grown
+
+
+def fill_pose_map_geometry(cfg: DictConfig, store) -> None:
+    """``world_model.pose_maps=true`` without cameras: take them (and the pose range) from
+    the dataset, so the resolved config and the model file hold them."""
+    wm = cfg.world_model
+    if not wm.get("pose_maps") or wm.get("pose_map_cameras"):
+        return
+    with open_dict(cfg):
+        for key, value in store.pose_map_geometry().items():
+            wm[key] = value
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +253,7 @@ def train_base(cfg: DictConfig) -> Path:
     # the data first: a missing dataset must not leave an empty run directory behind
     train_ds = ClipDataset.from_config(cfg.data, "train")
     val_ds = ClipDataset.from_config(cfg.data, "val")
+    fill_pose_map_geometry(cfg, train_ds.store)
     run = RunDir(cfg.run_dir)
     torch.set_num_threads(int(t.num_threads))
     device = torch.device(t.device)
@@ -264,9 +302,10 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
         run.log(f"resuming from step {step}")
         print(f"train-base: resuming {run.root} from step {step}")
     elif t.get("init_from"):
-        _init_weights(model, t.init_from)
-        run.log(f"weights initialised from {t.init_from}")
-        print(f"train-base: weights initialised from {t.init_from}")
+        grown = _init_weights(model, t.init_from)
+        extra = f" (new input channels zero-initialised in {', '.join(grown)})" if grown else ""
+        run.log(f"weights initialised from {t.init_from}{extra}")
+        print(f"train-base: weights initialised from {t.init_from}{extra}")
     run.write_config(OmegaConf.to_yaml(cfg, resolve=True), hydra_overrides())
     run.set_status("running", step)
 
@@ -309,6 +348,7 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
     bar = tqdm(total=steps, initial=step, desc="train-base", dynamic_ncols=True,
                disable=None)
     log_every, acc, acc_n, t_last = int(t.log_every), {}, 0, time.time()
+    motion_weight = float(t.get("motion_weight", 0.0))
     try:
         if step == 0 and val_batch is not None:
             evaluate(0)
@@ -318,8 +358,10 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
             x0, buffer, acts = _batch_to(batch, model, device)
             g = torch.Generator().manual_seed(derive_seed(seed, step, _NOISE_STREAM))
             sigma, eps, hist_eps, hist_level = draw_noise(model, x0, buffer.latents, g)
+            weight = (model.motion_weight(batch["future_masks"].to(device), motion_weight)
+                      if motion_weight > 0 else None)
             out = denoising_loss(model, x0, buffer, acts, sigma, eps,
-                                 model.training_history_noise(), hist_eps, hist_level)
+                                 model.training_history_noise(), hist_eps, hist_level, weight)
             loss = out["loss"].mean()
             # S3 update
             opt.zero_grad(set_to_none=True)

@@ -10,8 +10,9 @@ Launchers understood (first match wins):
 
 ``trainer.distributed=auto`` starts a group when one of those says more than one process;
 ``off`` ignores them (one process). Backend: nccl when trainer.device is CUDA (each process on
-cuda:LOCAL_RANK), gloo otherwise. This module only holds the plumbing (who am I, collectives
-that are no-ops with one process); the split of the work lives in ``trainers/post_train.py``.
+cuda:LOCAL_RANK), gloo otherwise. This module only holds the plumbing (who am I, torch DDP
+around the trained call, collectives for metrics that are no-ops with one process); the split
+of the work lives in ``trainers/post_train.py``.
 """
 from __future__ import annotations
 
@@ -150,6 +151,18 @@ class Dist:
                 dist.destroy_process_group()
             self.owns_group = False
 
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` under torch DistributedDataParallel (one process: ``module`` itself).
+        DDP registers the parameters that require gradients NOW, broadcasts rank 0's
+        parameters and buffers once, and averages the gradients over the ranks in every
+        backward pass outside ``no_sync``. Buffers are not re-broadcast per forward (they are
+        constants here)."""
+        if not self.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
     # -- collectives (no-ops with one process) -----------------------------------------------
     def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In-place all-reduce of ``t`` (any device); returns ``t``."""
@@ -182,18 +195,6 @@ class Dist:
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
-
-    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
-        """Overwrite ``tensors`` in place with rank 0's values."""
-        if not self.enabled:
-            return
-        import torch.distributed as dist
-        with torch.no_grad():
-            for t in tensors:
-                buf = t.detach().to(self.device)
-                dist.broadcast(buf, src=0)
-                if buf is not t:
-                    t.copy_(buf)
 
     def main_only(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on rank 0 only; every rank returns its result, or raises what it raised

@@ -25,6 +25,8 @@ disabled, for the KL term. ``with self.roles.use(role)`` makes the model act as 
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import sys
 import time
@@ -196,6 +198,20 @@ def check_episode_lengths(store: EpisodeStore, setup: Setup, stride: int) -> Non
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
+class PolicyDenoiser(torch.nn.Module):
+    """The trained call, ``model.denoise``, as a module's forward, so torch DDP can wrap it
+    (DDP synchronises the gradients of what flows through its forward)."""
+
+    def __init__(self, model: WorldModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_sigma: torch.Tensor, sigma: torch.Tensor, history: torch.Tensor,
+                history_actions: torch.Tensor, future_actions: torch.Tensor) -> torch.Tensor:
+        return self.model.denoise(x_sigma, sigma, HistoryBuffer(history, history_actions),
+                                  future_actions)
+
+
 class PostTrainer:
     on_eval = None      # optional callable(step, eval_metrics) after each in-training check
 
@@ -231,7 +247,10 @@ class PostTrainer:
         self.roles = NamedAdapters(base, roles, int(cfg.lora.rank), float(cfg.lora.alpha),
                                    list(cfg.lora.target_modules),
                                    bool(cfg.lora.train_action_encoder))
-        self.dist.broadcast_(self.roles.params("policy"))                    # same start
+        # the trained call under torch DDP (registered while the policy's tensors are the ones
+        # that require gradients; it also broadcasts rank 0's start to every rank)
+        with self.roles.use("policy") as policy:
+            self.policy_denoiser = self.dist.wrap(PolicyDenoiser(policy))
         for role in roles[1:]:
             self.roles.copy_("policy", role)
         self.frozen = self.roles.frozen_checksums()
@@ -304,7 +323,6 @@ class PostTrainer:
     def autocast(self):
         """``trainer.precision=bf16``: bfloat16 autocast around the network calls (rollouts
         and the update's forward passes); weights, optimiser state and losses stay float32."""
-        import contextlib
         if self.cfg.trainer.get("precision", "fp32") != "bf16":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -363,10 +381,13 @@ class PostTrainer:
     def stage_update(self, cands: Branches, keep: torch.Tensor, r: torch.Tensor) -> dict:
         """keep: (b, M) kept candidate indices per group; r: (b, K) reward weights, for this
         rank's b prefixes. The noise (sigma, eps) is drawn for all B*M kept samples of the step
-        at once, chunk by chunk, in one process's order, and each rank and each micro-batch
-        uses its own rows: any number of processes and any ``trainer.micro_batch`` see the same
-        sigma and eps per sample, so micro-batching changes memory, not the result (up to
-        float rounding of the summed gradients)."""
+        at once, chunk by chunk, in one process's order, and each rank uses its own rows, in
+        micro-batches of ``trainer.micro_batch`` (all at once by default): any number of
+        processes and any micro-batch size see the same sigma and eps per sample, so they
+        change memory, not the result (up to float rounding of the summed gradients). Every
+        rank makes the same number of backward passes; torch DDP averages the gradients over
+        the ranks in the last one (``no_sync`` before it), so each rank's loss is scaled by
+        the world size to give one process's sum."""
         K, o = self.setup.group_size, self.cfg.objective
         flat = (keep + torch.arange(keep.shape[0])[:, None] * K).flatten()  # (b*M,) local
         r_kept = r.flatten()[flat].to(self.device)
@@ -380,15 +401,15 @@ class PostTrainer:
                  "old_deviation": 0.0}
         F = len(cands.latents)
         frac = 1.0 / (n_total * F)                           # global normalisation
-        micro = int(self.cfg.trainer.micro_batch or n_total)
+        micro = int(self.cfg.trainer.micro_batch or n_local)
+        passes, last = 0, F * math.ceil(n_local / micro) - 1
         for c in range(F):
             sigma_all = self.sample_sigma(n_total, g)                    # every kept sample
             eps_all = torch.randn((n_total, *cands.latents[c].shape[1:]), generator=g)
-            for s in range(0, n_total, micro):
-                m = min(micro, n_total - s)                 # one process's micro-batch
-                lo, hi = max(s, first), min(s + m, first + n_local)     # our rows of it
-                if lo >= hi:
-                    continue
+            for s in range(0, n_local, micro):
+                lo, hi = first + s, first + min(s + micro, n_local)    # global rows
+                sync = passes == last or not self.dist.enabled
+                passes += 1
                 sel = flat[lo - first:hi - first]
                 x0 = cands.latents[c][sel]                                 # (m, L, C, Hs, Ws)
                 buf = HistoryBuffer(cands.buffers[c].latents[sel], cands.buffers[c].actions[sel])
@@ -396,32 +417,34 @@ class PostTrainer:
                 sigma = sigma_all[lo:hi].to(self.device)
                 eps = eps_all[lo:hi].to(self.device)
                 x_sigma = x0 + sigma.view(-1, *[1] * (x0.dim() - 1)) * eps
-                with self.autocast():                    # network calls only; losses fp32
-                    with self.roles.use("policy") as policy:
-                        x0_theta = policy.denoise(x_sigma, sigma, buf, acts).float()
-                    with torch.no_grad():
-                        with self.roles.use("old") as old:
-                            x0_old = old.denoise(x_sigma, sigma, buf, acts).float()
-                        x0_base = None
-                        if float(o.w_kl) > 0:
-                            with self.roles.use(BASE) as base:   # adapters off
-                                x0_base = base.denoise(x_sigma, sigma, buf, acts).float()
-                out = nft_loss(x0_theta, x0_old, x0, r_kept[lo - first:hi - first],
-                               float(o.beta), self.variant)
-                loss = out["loss"]
-                if x0_base is not None:
-                    kl = kl_to_base(x0_theta, x0_base)
-                    loss = loss + float(o.w_kl) * kl
-                    parts["loss/kl"] += kl.sum().item()
-                (loss.sum() * frac).backward()
+                # all but the last pass accumulate gradients locally (DDP's no_sync)
+                with contextlib.nullcontext() if sync else self.policy_denoiser.no_sync():
+                    with self.autocast():                # network calls only; losses fp32
+                        with self.roles.use("policy"):
+                            x0_theta = self.policy_denoiser(x_sigma, sigma, buf.latents,
+                                                            buf.actions, acts).float()
+                        with torch.no_grad():
+                            with self.roles.use("old") as old:
+                                x0_old = old.denoise(x_sigma, sigma, buf, acts).float()
+                            x0_base = None
+                            if float(o.w_kl) > 0:
+                                with self.roles.use(BASE) as base:   # adapters off
+                                    x0_base = base.denoise(x_sigma, sigma, buf, acts).float()
+                    out = nft_loss(x0_theta, x0_old, x0, r_kept[lo - first:hi - first],
+                                   float(o.beta), self.variant)
+                    loss = out["loss"]
+                    if x0_base is not None:
+                        kl = kl_to_base(x0_theta, x0_base)
+                        loss = loss + float(o.w_kl) * kl
+                        parts["loss/kl"] += kl.sum().item()
+                    (loss.sum() * (frac * self.dist.world)).backward()   # DDP averages
                 parts["loss"] += loss.sum().item() * frac
                 parts["loss/pos"] += out["pos"].sum().item() * frac
                 parts["loss/neg"] += out["neg"].sum().item() * frac
                 parts["old_deviation"] += (x0_theta.detach() - x0_old).pow(2).flatten(1) \
                     .mean(1).sqrt().sum().item() * frac
         params = self.roles.params("policy")
-        if self.dist.enabled:                     # sums over ranks = one process's sums
-            self.sum_gradients(params)
+        if self.dist.enabled:                     # logged sums over ranks = one process's
             totals = torch.tensor([parts[k] for k in parts], dtype=torch.float64)
             self.dist.all_reduce_(totals)
             parts = dict(zip(parts, totals.tolist()))
@@ -434,24 +457,6 @@ class PostTrainer:
         self.model.eval()
         parts["grad_norm"] = float(gnorm)
         return parts
-
-    def sum_gradients(self, params: list[torch.Tensor]) -> None:
-        """All-reduce (sum) the gradients, as one flat buffer. A parameter without a gradient
-        on every rank keeps none (as with one process); one that has a gradient on some rank
-        gets the sum (zeros standing in where it had none)."""
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
-        self.dist.all_reduce_(has, "max")
-        live = [p for p, h in zip(params, has.tolist()) if h > 0]
-        if not live:
-            return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                          for p in live])
-        self.dist.all_reduce_(flat)
-        i = 0
-        for p in live:
-            n = p.numel()
-            p.grad = flat[i:i + n].view_as(p).clone()
-            i += n
 
     # -- S5: EMA of the old policy and of the policy ----------------------------------------
     def stage_ema(self) -> float:

@@ -106,6 +106,21 @@ class EmbeddedConfig:
     action_maps: bool = False           # also feed every frame's pose as constant input maps
                                         #   ((H+L)*A channels) plus 2 coordinate maps, so the
                                         #   convolutions see pose and position together
+    pose_maps: bool = False             # also feed every frame's end-effector position drawn
+                                        #   into each camera as a Gaussian blob (H+L channels;
+                                        #   the FrameHead gets frame l's and the last history
+                                        #   frame's): conditioning that is already spatial
+    pose_map_cameras: list = field(default_factory=list)  # per view: 16 floats (projection @
+                                        #   view, row-major, world -> clip) or [] (no blob);
+                                        #   train-base fills them from the dataset
+    pose_map_range: list = field(default_factory=list)    # [[x, y, z, rx, ry, rz] at pose -1,
+                                        #   the same at +1]: undoes the pose normalisation
+                                        #   (train-base fills it)
+    pose_map_wrist: dict = field(default_factory=dict)    # {} or the camera that moves with
+                                        #   the hand: view, proj, eye / target / up in the
+                                        #   grasp frame, r_down, table landmarks it draws
+                                        #   (scene.wrist_camera_rig; train-base fills it)
+    pose_map_width: float = 3.0         # blob std in pixels
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "EmbeddedConfig":
@@ -158,6 +173,31 @@ class EmbeddedConfig:
             raise UserError(f"world_model.sigma_data must be > 0, got {self.sigma_data}")
         if self.pixel_std <= 0 or self.history_noise < 0:
             raise UserError("need world_model.pixel_std > 0 and world_model.history_noise >= 0")
+        if self.pose_maps:
+            cams, rng = self.pose_map_cameras, self.pose_map_range
+            if not cams and not rng:
+                return          # train-base fills both from the dataset before building
+            wrist = self.pose_map_wrist
+            if len(cams) != self.views or any(len(c) not in (0, 16) for c in cams) \
+                    or not (any(cams) or wrist):
+                raise UserError(f"world_model.pose_maps=true needs world_model.pose_map_cameras: "
+                                f"{self.views} entries of 16 numbers (or [] for a view without "
+                                f"a blob), got {cams!r}; `persistworld train-base` fills them "
+                                f"from the dataset")
+            dims = 6 if wrist else 3                 # the hand camera needs the rotation
+            if len(rng) != 2 or any(len(r) not in (dims, 6) for r in rng) \
+                    or len(rng[0]) != len(rng[1]):
+                raise UserError(f"world_model.pose_maps=true needs world_model.pose_map_range "
+                                f"[[x, y, z, rx, ry, rz] at -1, [...] at +1], got {rng!r}; "
+                                f"`persistworld train-base` fills it from the dataset")
+            need = {"view", "proj", "eye", "target", "up", "r_down", "landmarks"}
+            if wrist and (set(wrist) != need or not 0 <= int(wrist["view"]) < self.views
+                          or cams[int(wrist["view"])]):
+                raise UserError(f"world_model.pose_map_wrist: expected the keys {sorted(need)} "
+                                f"and a view without a fixed camera, got {wrist!r}")
+            if self.pose_map_width <= 0:
+                raise UserError(f"world_model.pose_map_width must be > 0, got "
+                                f"{self.pose_map_width}")
 
     @property
     def channels(self) -> int:
@@ -227,21 +267,25 @@ class FrameHead(nn.Module):
         feats (B, D, Hs, Ws), x_in (B, L, C, Hs, Ws), h_last (B, 1, C, Hs, Ws),
         tokens (B, L, d), noise_cond (B,) -> (B, L, C, Hs, Ws)"""
 
-    def __init__(self, features: int, channels: int, future: int, token_dim: int, hidden: int):
+    def __init__(self, features: int, channels: int, future: int, token_dim: int, hidden: int,
+                 maps: int = 0):
         super().__init__()
         self.future = future
-        self.inp = nn.Conv2d(features + 2 * channels, hidden, 1)
+        self.inp = nn.Conv2d(features + 2 * channels + maps, hidden, 1)
         self.cond = nn.Linear(token_dim + 1, 2 * hidden)      # per-frame scale and shift
         self.mid = nn.Conv2d(hidden, hidden, 3, padding=1)
         self.out = nn.Conv2d(hidden, channels, 1)
         self.norm = nn.GroupNorm(min(32, hidden), hidden)
 
     def forward(self, feats: torch.Tensor, x_in: torch.Tensor, h_last: torch.Tensor,
-                tokens: torch.Tensor, noise_cond: torch.Tensor) -> torch.Tensor:
+                tokens: torch.Tensor, noise_cond: torch.Tensor,
+                maps: torch.Tensor | None = None) -> torch.Tensor:
+        """``maps``: (B, L, k, Hs, Ws) per-frame spatial conditioning (``pose_maps``) or None."""
         B, L, C, Hs, Ws = x_in.shape
         f = feats.unsqueeze(1).expand(B, L, *feats.shape[1:])
         h = h_last.expand(B, L, C, Hs, Ws)
-        z = self.inp(torch.cat([f, x_in, h], 2).reshape(B * L, -1, Hs, Ws))   # (B*L, hid, ..)
+        parts = [f, x_in, h] + ([maps] if maps is not None else [])
+        z = self.inp(torch.cat(parts, 2).reshape(B * L, -1, Hs, Ws))   # (B*L, hid, ..)
         cond = torch.cat([tokens, noise_cond.reshape(B, 1, 1).expand(B, L, 1)], 2)
         scale, shift = self.cond(cond).reshape(B * L, 2, -1, 1, 1).unbind(1)
         z = nnf.silu(self.norm(z) * (1 + scale) + shift)
@@ -265,12 +309,130 @@ def action_maps(actions: torch.Tensor, hs: int, ws: int) -> torch.Tensor:
     return torch.cat([poses, grid], 1)
 
 
+class PoseMaps(nn.Module):
+    """Each frame's end-effector position drawn into every camera that has a matrix:
+
+        normalised poses (B, T, A) -> world xyz (undo ``pose_map_range``) -> clip coordinates
+        (projection @ view) -> pixel (column, row) -> Gaussian blob of std ``pose_map_width``
+        pixels, evaluated at the latent cells' centres -> (B, T, Hs, Ws), views along height
+
+    as the working space stacks them. A view without a matrix (the wrist camera, which moves
+    with the hand) stays 0; so does a point behind a camera. The network then sees where the
+    arm will be in each image instead of having to learn the projection of a 7-D pose; no
+    parameters (the matrices are buffers outside the state dict, set from the config)."""
+
+    def __init__(self, cfg: EmbeddedConfig):
+        super().__init__()
+        if not cfg.pose_map_cameras:
+            raise UserError("world_model.pose_maps=true but world_model.pose_map_cameras is "
+                            "empty: `persistworld train-base` fills it (and pose_map_range) "
+                            "from the dataset; elsewhere give both explicitly "
+                            "(EpisodeStore(root).pose_map_geometry())")
+        self.h, self.w, self.patch = cfg.image_height, cfg.image_width, cfg.patch
+        self.width = float(cfg.pose_map_width)
+        cams = [c if len(c) else [0.0] * 16 for c in cfg.pose_map_cameras]
+        self.register_buffer("cameras", torch.tensor(cams, dtype=torch.float32).reshape(
+            -1, 4, 4), persistent=False)                                   # (V, 4, 4)
+        self.register_buffer("has_camera", torch.tensor(
+            [bool(len(c)) for c in cfg.pose_map_cameras]), persistent=False)
+        lo, hi = cfg.pose_map_range
+        self.register_buffer("lo", torch.tensor(lo, dtype=torch.float32), persistent=False)
+        self.register_buffer("hi", torch.tensor(hi, dtype=torch.float32), persistent=False)
+        rig = cfg.pose_map_wrist
+        self.wrist_view = int(rig["view"]) if rig else None
+        for key in ("proj", "eye", "target", "up", "r_down", "landmarks"):
+            value = torch.tensor(rig[key], dtype=torch.float32) if rig else torch.zeros(0)
+            self.register_buffer(f"wrist_{key}", value, persistent=False)
+
+    def world(self, poses: torch.Tensor) -> torch.Tensor:
+        """Normalised poses (..., A) -> world position and rotation vector (..., 6) (or the
+        position alone (..., 3) for a range without rotations)."""
+        n = poses[..., :self.lo.shape[0]].float()
+        return self.lo + (n + 1) / 2 * (self.hi - self.lo)
+
+    def _uv(self, clip: torch.Tensor, ok: torch.Tensor):
+        wc = clip[..., 3]
+        visible = (wc > 1e-6) & ok
+        ndc = clip[..., :2] / torch.where(visible, wc, torch.ones_like(wc)).unsqueeze(-1)
+        uv = torch.stack([(ndc[..., 0] + 1) / 2 * self.w, (1 - ndc[..., 1]) / 2 * self.h], -1)
+        return uv, visible
+
+    def pixels(self, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, A) -> the end effector's pixel (column, row) in every fixed camera
+        (B, T, V, 2) and its visibility (B, T, V)."""
+        xyz = self.world(poses)[..., :3]
+        hom = torch.cat([xyz, torch.ones_like(xyz[..., :1])], -1)                  # (B, T, 4)
+        clip = torch.einsum("vij,btj->btvi", self.cameras, hom)                    # (B, T, V, 4)
+        return self._uv(clip, self.has_camera)
+
+    def wrist_pixels(self, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, A) -> the table landmarks' pixels in the hand camera (B, T, K, 2), visible
+        (B, T, K): that camera moves with the pose, so the landmarks show its ego-motion."""
+        w = self.world(poses)
+        R = rotvec_matrix(w[..., 3:]) @ self.wrist_r_down.reshape(3, 3)             # (B, T, 3, 3)
+        pos = w[..., :3]
+        view = look_at(pos + R @ self.wrist_eye, pos + R @ self.wrist_target,
+                       R @ self.wrist_up)                                          # (B, T, 4, 4)
+        pv = self.wrist_proj.reshape(4, 4) @ view
+        lm = self.wrist_landmarks
+        hom = torch.cat([lm, torch.ones_like(lm[:, :1])], -1)                      # (K, 4)
+        clip = torch.einsum("btij,kj->btki", pv, hom)                               # (B, T, K, 4)
+        return self._uv(clip, torch.ones((), dtype=torch.bool, device=poses.device))
+
+    def _blobs(self, uv: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """(..., 2) pixels -> (..., hs, Ws) Gaussian blobs at the latent cells' centres."""
+        P = self.patch
+        cols = (torch.arange(self.w // P, device=uv.device) + 0.5) * P             # (Ws,)
+        rows = (torch.arange(self.h // P, device=uv.device) + 0.5) * P             # (hs,)
+        du = (cols - uv[..., :1]) ** 2                                            # (..., Ws)
+        dv = (rows - uv[..., 1:]) ** 2                                            # (..., hs)
+        blob = torch.exp(-(dv.unsqueeze(-1) + du.unsqueeze(-2)) / (2 * self.width ** 2))
+        return blob * visible[..., None, None]
+
+    def forward(self, poses: torch.Tensor) -> torch.Tensor:
+        blob = self._blobs(*self.pixels(poses))                            # (B, T, V, hs, Ws)
+        if self.wrist_view is not None:
+            lm = self._blobs(*self.wrist_pixels(poses)).amax(2)            # (B, T, hs, Ws)
+            blob = torch.cat([blob[:, :, :self.wrist_view], lm.unsqueeze(2),
+                              blob[:, :, self.wrist_view + 1:]], 2)
+        B, T, V, hs, Ws = blob.shape
+        return blob.reshape(B, T, V * hs, Ws).to(poses.dtype)
+
+
+def rotvec_matrix(v: torch.Tensor) -> torch.Tensor:
+    """Rotation vectors (..., 3) -> rotation matrices (..., 3, 3) (Rodrigues)."""
+    theta = v.norm(dim=-1, keepdim=True).unsqueeze(-1)                             # (..., 1, 1)
+    x, y, z = v.unbind(-1)
+    zero = torch.zeros_like(x)
+    K = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(*v.shape[:-1], 3, 3)
+    small = theta < 1e-8
+    t = torch.where(small, torch.ones_like(theta), theta)
+    a = torch.where(small, torch.ones_like(theta), torch.sin(t) / t)
+    b = torch.where(small, torch.full_like(theta, 0.5), (1 - torch.cos(t)) / t ** 2)
+    eye = torch.eye(3, dtype=v.dtype, device=v.device).expand_as(K)
+    return eye + a * K + b * (K @ K)
+
+
+def look_at(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """OpenGL view matrices (..., 4, 4) from (..., 3) eye / target / up (scene.look_at)."""
+    f = nnf.normalize(target - eye, dim=-1)
+    s = nnf.normalize(torch.cross(f, up, dim=-1), dim=-1)
+    u = torch.cross(s, f, dim=-1)
+    rot = torch.stack([s, u, -f], -2)                                              # (..., 3, 3)
+    trans = -(rot @ eye.unsqueeze(-1))                                             # (..., 3, 1)
+    top = torch.cat([rot, trans], -1)                                              # (..., 3, 4)
+    bottom = torch.zeros_like(top[..., :1, :])
+    bottom[..., 0, 3] = 1.0
+    return torch.cat([top, bottom], -2)
+
+
 def build_unet(cfg: EmbeddedConfig):
     from diffusers import UNet2DConditionModel
     C = cfg.channels
     down = list(cfg.down_block_types)
     return UNet2DConditionModel(
-        sample_size=None, in_channels=(cfg.future + cfg.history) * C + action_map_channels(cfg),
+        sample_size=None, in_channels=(cfg.future + cfg.history) * C + action_map_channels(cfg)
+        + (cfg.future + cfg.history) * cfg.pose_maps,
         out_channels=cfg.unet_out_channels if cfg.frame_head else cfg.future * C,
         down_block_types=down,
         up_block_types=[_UP_BLOCK[b] for b in reversed(down)],
@@ -293,7 +455,9 @@ class EmbeddedWorldModel(WorldModel):
                                             cfg.history + cfg.future)
         self.skip = LinearSkip(cfg.future, cfg.channels) if cfg.linear_skip else None
         self.head = (FrameHead(cfg.unet_out_channels, cfg.channels, cfg.future,
-                               cfg.action_hidden, cfg.frame_head) if cfg.frame_head else None)
+                               cfg.action_hidden, cfg.frame_head, maps=2 * cfg.pose_maps)
+                     if cfg.frame_head else None)
+        self.pose_maps = PoseMaps(cfg) if cfg.pose_maps else None
 
     # -- contract helpers used by rollouts and trainers --------------------------------------
     def config_dict(self) -> dict:
@@ -322,11 +486,26 @@ class EmbeddedWorldModel(WorldModel):
     # -- working space -----------------------------------------------------------------------
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, V, 3, h, w) pixels in [0, 1] -> (B, T, C, Hs, Ws)."""
-        B, T, V, _, h, w = frames.shape
-        x = (frames - self.cfg.pixel_mean) / self.cfg.pixel_std
+        return self._to_grid((frames - self.cfg.pixel_mean) / self.cfg.pixel_std)
+
+    def _to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, V, 3, h, w) -> (B, T, C, Hs, Ws): the layout of ``encode``, no scaling."""
+        B, T, V, _, h, w = x.shape
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * T, 3, V * h, w)     # views along height
         x = nnf.pixel_unshuffle(x, self.cfg.patch)                      # (B*T, C, Hs, Ws)
         return x.reshape(B, T, *x.shape[1:])
+
+    def motion_weight(self, masks: torch.Tensor, extra: float) -> torch.Tensor:
+        """Training-loss weights from the future frames' class masks (B, L, V, h, w) (robot
+        and object > 0): 1 + ``extra`` on the latent cells the arm or the object covers at any
+        frame of the chunk, dilated by one cell (so the place it leaves counts too), the same
+        for every frame -> (B, 1, C, Hs, Ws) in the latent layout of ``encode``."""
+        B, L, V, h, w = masks.shape
+        moving = (masks > 0).to(torch.float32).amax(1, keepdim=True)          # (B, 1, V, h, w)
+        cells = self._to_grid(moving.unsqueeze(3).expand(B, 1, V, 3, h, w))
+        cells = cells.amax(2, keepdim=True)                                  # (B, 1, 1, Hs, Ws)
+        cells = nnf.max_pool2d(cells[:, 0], 3, stride=1, padding=1)[:, None]
+        return 1.0 + extra * cells.expand(B, 1, self.cfg.channels, *cells.shape[-2:])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, T, C, Hs, Ws) -> (B, T, V, 3, h, w) pixels (not clamped)."""
@@ -348,13 +527,20 @@ class EmbeddedWorldModel(WorldModel):
         poses = torch.cat([buffer.actions, future_actions], 1)            # (B, H+L, A)
         if self.cfg.action_maps:
             unet_in = torch.cat([unet_in, action_maps(poses.to(unet_in), Hs, Ws)], 1)
+        head_maps = None
+        if self.pose_maps is not None:
+            maps = self.pose_maps(poses).to(unet_in)                      # (B, H+L, Hs, Ws)
+            unet_in = torch.cat([unet_in, maps], 1)
+            H = maps.shape[1] - L                  # frame l's blob and the last history one's
+            head_maps = torch.stack([maps[:, H:], maps[:, H - 1:H].expand(B, L, Hs, Ws)], 2)
         tokens = self.action_encoder(poses)
         # the UNet's sinusoidal embedding spans periods 1 .. 10^4; c_noise = ln(sigma)/4 lies in
         # about [-1.6, 1.1], so it is stretched first (as EDM's VP nets receive 999 t)
         timestep = noise_cond * self.cfg.noise_cond_scale                  # (B,)
         out = self.unet(unet_in, timestep, encoder_hidden_states=tokens).sample
         if self.head is not None:
-            out = self.head(out, x_in, buffer.latents[:, -1:], tokens[:, -L:], noise_cond)
+            out = self.head(out, x_in, buffer.latents[:, -1:], tokens[:, -L:], noise_cond,
+                            head_maps)
         out = out.reshape(B, L, C, Hs, Ws)
         if self.skip is not None:
             out = out + self.skip(x_in, buffer.latents[:, -1:], noise_cond)

@@ -303,6 +303,75 @@ WRIST_TARGET = (0.0, 0.0, 0.17)
 WRIST_UP = (1.0, 0.0, 0.0)
 
 
+EXT_NEAR_FAR = (0.05, 4.0)
+WRIST_NEAR_FAR = (0.01, 3.0)
+
+
+def external_camera_eye(name: str, offset: Sequence[float] = (0.0, 0.0, 0.0)) -> list[float]:
+    """Eye position of external camera ``name`` (looking at ``EXT_TARGET``), plus ``offset``
+    (the episode's jitter)."""
+    az, el, dist = EXT_CAMERAS[name]
+    t = EXT_TARGET
+    eye = [t[0] + dist * math.cos(el) * math.cos(az), t[1] + dist * math.cos(el) * math.sin(az),
+           t[2] + dist * math.sin(el)]
+    return [e + o for e, o in zip(eye, offset)]
+
+
+def look_at(eye: Sequence[float], target: Sequence[float], up: Sequence[float]) -> np.ndarray:
+    """4x4 OpenGL view matrix (row-major; pybullet's ``computeViewMatrix`` is its transpose,
+    flattened)."""
+    eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
+    f = target - eye
+    f /= np.linalg.norm(f)
+    s = np.cross(f, up)
+    s /= np.linalg.norm(s)
+    u = np.cross(s, f)
+    m = np.eye(4)
+    m[0, :3], m[1, :3], m[2, :3] = s, u, -f
+    m[:3, 3] = -m[:3, :3] @ eye
+    return m
+
+
+def perspective(fov_deg: float, aspect: float, near: float, far: float) -> np.ndarray:
+    """4x4 OpenGL projection (row-major; pybullet's ``computeProjectionMatrixFOV``)."""
+    f = 1.0 / math.tan(math.radians(fov_deg) / 2.0)
+    m = np.zeros((4, 4))
+    m[0, 0], m[1, 1] = f / aspect, f
+    m[2, 2], m[2, 3] = (far + near) / (near - far), 2.0 * far * near / (near - far)
+    m[3, 2] = -1.0
+    return m
+
+
+def external_camera_matrices(image_h: int, image_w: int) -> dict[str, np.ndarray]:
+    """Projection @ view (4x4, row-major) of each external camera without jitter: world point
+    (x, y, z, 1) -> clip coordinates; pixel column = (ndc_x + 1) / 2 * w, row = (1 - ndc_y) /
+    2 * h. The embedded world model's ``pose_maps`` draw the end effector with these."""
+    proj = perspective(EXT_FOV, image_w / image_h, *EXT_NEAR_FAR)
+    return {name: proj @ look_at(external_camera_eye(name), EXT_TARGET, (0.0, 0.0, 1.0))
+            for name in EXT_CAMERAS}
+
+
+GRASP_OFFSET = 0.105    # the grasp-target link sits this far along the hand's z axis
+# table-top points the wrist camera's pose maps draw (a grid over the workspace)
+WRIST_LANDMARKS = tuple((x, y, TABLE_TOP_Z) for x in (0.40, 0.48, 0.56, 0.64, 0.72)
+                        for y in (-0.16, -0.08, 0.0, 0.08, 0.16))
+
+
+def wrist_camera_rig(image_h: int, image_w: int) -> dict:
+    """The wrist camera as a function of the end-effector pose (position p, orientation
+    R = rot(relrot) @ R_down, the module's conventions): eye = p + R eye_e, target = p +
+    R target_e, up = R up_e, with the hand-frame offsets moved to the grasp-target frame;
+    ``proj`` is its 4x4 row-major projection and ``landmarks`` the table points it draws."""
+    grasp = np.array([0.0, 0.0, GRASP_OFFSET])
+    r_down = np.asarray(p.getMatrixFromQuaternion(Q_DOWN.tolist())).reshape(3, 3)
+    return {"proj": perspective(WRIST_FOV, image_w / image_h, *WRIST_NEAR_FAR
+                                ).reshape(-1).tolist(),
+            "eye": (np.asarray(WRIST_EYE) - grasp).tolist(),
+            "target": (np.asarray(WRIST_TARGET) - grasp).tolist(),
+            "up": list(WRIST_UP), "r_down": r_down.reshape(-1).tolist(),
+            "landmarks": [list(x) for x in WRIST_LANDMARKS]}
+
+
 def _rotate(q: Sequence[float], v: Sequence[float]) -> np.ndarray:
     m = np.asarray(p.getMatrixFromQuaternion(q)).reshape(3, 3)
     return m @ np.asarray(v)
@@ -437,17 +506,13 @@ class Scene:
         aspect = self.w / self.h
         self.ext_view = {}
         for k, name in enumerate(("ext1", "ext2")):
-            az, el, dist = EXT_CAMERAS[name]
-            target = EXT_TARGET
-            eye = [target[0] + dist * math.cos(el) * math.cos(az),
-                   target[1] + dist * math.cos(el) * math.sin(az), target[2] + dist * math.sin(el)]
             off = self.spec.camera_offsets[k] if self.spec.camera_offsets else [0, 0, 0]
-            eye = [e + o for e, o in zip(eye, off)]
-            self.ext_view[name] = p.computeViewMatrix(eye, target, [0, 0, 1],
+            self.ext_view[name] = p.computeViewMatrix(external_camera_eye(name, off),
+                                                      EXT_TARGET, [0, 0, 1],
                                                       physicsClientId=self.cid)
-        self.ext_proj = p.computeProjectionMatrixFOV(EXT_FOV, aspect, 0.05, 4.0,
+        self.ext_proj = p.computeProjectionMatrixFOV(EXT_FOV, aspect, *EXT_NEAR_FAR,
                                                      physicsClientId=self.cid)
-        self.wrist_proj = p.computeProjectionMatrixFOV(WRIST_FOV, aspect, 0.01, 3.0,
+        self.wrist_proj = p.computeProjectionMatrixFOV(WRIST_FOV, aspect, *WRIST_NEAR_FAR,
                                                        physicsClientId=self.cid)
 
     # -- robot state and control -------------------------------------------------------------
