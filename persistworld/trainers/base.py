@@ -349,6 +349,9 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
                disable=None)
     log_every, acc, acc_n, t_last = int(t.log_every), {}, 0, time.time()
     motion_weight = float(t.get("motion_weight", 0.0))
+    if motion_weight > 0 and not hasattr(model, "motion_weight"):
+        raise UserError(f"trainer.motion_weight: the {type(model).__name__} backend has no "
+                        f"latent-space mask weighting; set it to 0")
     try:
         if step == 0 and val_batch is not None:
             evaluate(0)

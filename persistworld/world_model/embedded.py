@@ -316,10 +316,12 @@ class PoseMaps(nn.Module):
         (projection @ view) -> pixel (column, row) -> Gaussian blob of std ``pose_map_width``
         pixels, evaluated at the latent cells' centres -> (B, T, Hs, Ws), views along height
 
-    as the working space stacks them. A view without a matrix (the wrist camera, which moves
-    with the hand) stays 0; so does a point behind a camera. The network then sees where the
-    arm will be in each image instead of having to learn the projection of a 7-D pose; no
-    parameters (the matrices are buffers outside the state dict, set from the config)."""
+    as the working space stacks them. The wrist camera moves with the hand, so it has no fixed
+    matrix: with ``pose_map_wrist`` the pose places that camera and it draws fixed table-top
+    landmarks (their motion is the camera's); a view with neither stays 0, and so does a point
+    behind a camera. The network then sees where the arm will be in each image instead of
+    having to learn the projection of a 7-D pose; no parameters (the matrices are buffers
+    outside the state dict, set from the config)."""
 
     def __init__(self, cfg: EmbeddedConfig):
         super().__init__()
