@@ -237,3 +237,31 @@ def test_pose_maps_draw_the_end_effector_on_the_robot(tiny_dataset):
                 hits += bool((window > 0).any())
                 seen += 1
     assert seen > 50 and hits / seen > 0.7, (hits, seen)
+
+
+def test_silhouettes_fit_where_the_robot_is_from_its_pose(tiny_dataset):
+    """world_model.silhouettes on real renders: fitted by ``auxiliary_losses`` to the class
+    masks, the decoder draws the robot of each frame from its pose in both external views far
+    better than a silhouette that ignores the pose (the frames' mean occupancy, thresholded).
+    Four episodes are too few to generalise from; on the default data a held-out IoU of 0.86
+    (external) after 500 steps was measured (models/README.md)."""
+    from persistworld.world_model import build_world_model
+    store = EpisodeStore(tiny_dataset)
+    eps = [store.load(e) for e in store.episode_ids("train")]
+    poses = torch.from_numpy(np.concatenate([store.normalize(ep.poses) for ep in eps]))[None]
+    masks = torch.from_numpy(np.concatenate([ep.mask for ep in eps]))[None]
+    torch.manual_seed(0)
+    model = build_world_model({"silhouettes": True, "silhouette_hidden": 64})
+    sil = model.silhouettes
+    opt = torch.optim.Adam(sil.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model.auxiliary_losses(poses, masks)["silhouette"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    iou = sil.iou(poses, masks)
+    truth = sil.target(masks) > 0.5                                  # (1, T, V, hs, ws)
+    mean = truth.float().mean(1, keepdim=True) > 0.5
+    blind = [float((mean[:, :, v] & truth[:, :, v]).sum() / (mean[:, :, v] | truth[:, :, v]
+                                                              ).sum()) for v in range(3)]
+    assert all(float(iou[v]) > max(0.75, blind[v] + 0.3) for v in (0, 1)), (iou, blind)

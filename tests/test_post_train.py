@@ -406,3 +406,24 @@ def test_base_model_frames_must_match_the_data(tiny_dataset, base_model, tmp_pat
     with pytest.raises(UserError, match="data.history / data.future"):
         post_train(_compose("post_train", overrides), overrides=overrides)
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_base_model_with_silhouettes_post_trains_with_its_decoder_frozen(
+        tiny_dataset, base_model, tmp_path):
+    """world_model.silhouettes: the decoder is part of the frozen backbone in post-training
+    (its weights stay bit-identical), while LoRA and the action encoder train."""
+    from persistworld.trainers.base import train_base
+    from persistworld.trainers.post_train import post_train
+    base = tmp_path / "sil_base"
+    train_base(_compose("train_base", [
+        f"data.root={tiny_dataset}", f"run_dir={base}", *TINY_OVERRIDES,
+        "trainer.eval_every=0", f"trainer.init_from={base_model}", "trainer.steps=1",
+        "world_model.silhouettes=true", "world_model.silhouette_hidden=16"]))
+    run = tmp_path / "post"
+    overrides = _post_overrides(tiny_dataset, base, run, ["trainer.steps=2",
+                                                         "trainer.eval_every=0"])
+    post_train(_compose("post_train", overrides), overrides=overrides)
+    b, p = _weights(base), _weights(run)
+    sil = [k for k in b if k.startswith("silhouettes.")]
+    assert sil and all(torch.equal(b[k], p[k]) for k in sil)
+    assert any(not torch.equal(b[k], p[k]) for k in b if k.startswith("action_encoder."))

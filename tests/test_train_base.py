@@ -179,11 +179,48 @@ def test_init_from_may_add_pose_maps(uninterrupted, tiny_dataset, tmp_path):
         assert float(got[k][:, n:].abs().max()) < 1e-6
     assert all(torch.allclose(src[k], got[k], atol=1e-6) for k in src if src[k].shape ==
                got[k].shape)
-    assert "zero-initialised in unet.conv_in.weight, head.inp.weight" in \
+    assert "zero-initialised or new modules: unet.conv_in.weight, head.inp.weight" in \
         (run / "log.txt").read_text()
     model = load_world_model(run)
     assert len(model.cfg.pose_map_cameras[0]) == 16 and model.cfg.pose_map_cameras[2] == []
     assert "pose_map_cameras" in (run / "config.yaml").read_text()
+
+
+
+def test_init_from_may_add_silhouettes(uninterrupted, tiny_dataset, tmp_path):
+    """trainer.init_from a model without silhouettes into world_model.silhouettes=true: the
+    source's weights are kept (new input channels at zero), the decoder is a new module with
+    its own learning rate (trainer.aux_lr_scale) trained on the class masks beside the
+    denoising loss, which the train and eval rows log separately; a scale <= 0 fails first."""
+    from persistworld.errors import UserError
+    from persistworld.trainers.base import train_base
+    from persistworld.world_model import load_world_model
+    for bad, needle in ((["trainer.aux_lr_scale=0"], "trainer.aux_lr_scale"),
+                        (["trainer.aux_warmup_steps=1"], "has none"),
+                        (["trainer.aux_warmup_steps=9", "trainer.steps=9",
+                          "world_model.silhouettes=true"], "trainer.aux_warmup_steps")):
+        with pytest.raises(UserError, match=needle):
+            train_base(_compose(_overrides(tiny_dataset, tmp_path / "bad", bad)))
+        assert not (tmp_path / "bad").exists()
+    run = tmp_path / "sil"
+    train_base(_compose(_overrides(tiny_dataset, run, [
+        f"trainer.init_from={uninterrupted}", "trainer.steps=3", "trainer.lr=1e-12",
+        "trainer.aux_lr_scale=1e10", "trainer.warmup_steps=0", "trainer.eval_every=3",
+        "trainer.aux_warmup_steps=1", "world_model.silhouettes=true",
+        "world_model.silhouette_hidden=16"])))
+    src, got = _weights(uninterrupted), _weights(run)
+    assert all(torch.allclose(src[k], got[k], atol=1e-6) for k in src
+               if src[k].shape == got[k].shape)
+    assert float(got["unet.conv_in.weight"][:, src["unet.conv_in.weight"].shape[1]:].abs()
+                 .max()) < 1e-6
+    assert "silhouettes (new module)" in (run / "log.txt").read_text()
+    train = _rows(run, "train")
+    assert "loss" not in train[0] and "loss" in train[1]     # S0: the decoder alone first
+    assert all(r["aux/silhouette"] > 0 for r in train)
+    assert train[1]["aux/silhouette"] < train[0]["aux/silhouette"]   # only the decoder moved
+    assert all("val/silhouette" in r for r in _rows(run, "eval"))
+    fresh = load_world_model(run)
+    assert fresh.cfg.silhouettes and fresh.auxiliary_modules()
 
 
 def test_motion_weight_reweights_the_loss(uninterrupted, tiny_dataset, tmp_path):

@@ -451,3 +451,124 @@ def test_motion_weight_marks_the_cells_the_arm_covers(model):
     torch.testing.assert_close(flat, plain)
     torch.testing.assert_close(weighted[1], plain[1])
     assert not torch.allclose(weighted[0], plain[0])
+
+
+def test_silhouettes_are_per_frame_maps_learned_from_the_masks_only():
+    """world_model.silhouettes=true: a decoder draws every frame's robot silhouette in each
+    view ((H+L) extra UNet channels, 2 per frame in the FrameHead), laid out like the latent
+    grid; its target is the robot's share of each latent cell; the denoising loss sends it no
+    gradient (``auxiliary_losses`` trains it) and the denoiser's output depends on it."""
+    m = build_world_model({**TINY, "silhouettes": True, "silhouette_hidden": 16}).eval()
+    H, L, C = m.history, m.future, m.cfg.channels
+    assert m.unet.config.in_channels == (H + L) * C + H + L
+    assert m.head.inp.in_channels == m.cfg.unet_out_channels + 2 * C + 2
+    assert m.auxiliary_modules() == [m.silhouettes]
+    buf, acts = _inputs(m)
+    poses = torch.cat([buf.actions, acts], 1)
+    maps = m.silhouettes(poses)
+    assert maps.shape == (2, H + L, 12, 4) and 0 < float(maps.min()) < float(maps.max()) < 1
+    masks = torch.zeros(2, H + L, 3, 16, 16, dtype=torch.uint8)
+    masks[:, :, 1, 4:8, 8:10] = 1                   # view 1, half of cell (1, 2) is robot
+    masks[:, :, 0, :4, :4] = 2                      # the object is not the robot
+    target = m.silhouettes.target(masks)            # (2, H+L, V, 4, 4)
+    assert float(target[0, 0, 1, 1, 2]) == 0.5 and float(target.sum()) == 0.5 * 2 * (H + L)
+    loss = m.auxiliary_losses(poses, masks, torch.rand(2, H + L, 3, 3, 16, 16))["silhouette"]
+    assert loss.shape == (2,)
+    loss.sum().backward()
+    assert all(p.grad is not None for p in m.silhouettes.parameters())
+    assert all(p.grad is None for n, p in m.named_parameters() if not n.startswith("sil"))
+    m.zero_grad(set_to_none=True)
+    x = torch.randn(2, L, *m.latent_shape())
+    m.denoise(x, torch.ones(2), buf, acts).pow(2).sum().backward()
+    assert all(p.grad is None for p in m.silhouettes.parameters())
+    with torch.no_grad():
+        for p in m.action_encoder.parameters():     # tokens no longer see the poses
+            p.zero_()
+        a = m.denoise(x, torch.ones(2), buf, acts)
+        m.silhouettes.out.bias.add_(3.0)
+        b = m.denoise(x, torch.ones(2), buf, acts)
+    assert not torch.allclose(a, b)
+    with pytest.raises(Exception, match="silhouette_hidden"):
+        build_world_model({**TINY, "silhouettes": True, "silhouette_hidden": 0})
+
+
+def test_composite_anchor_moves_the_robot_to_each_future_pose():
+    """x0_anchor=composite: per future frame the last frame with the robot painted where the
+    decoded silhouette of that frame's pose puts it (its fitted colour), the view's mean
+    background where it leaves, the last frame elsewhere; with F = 0 the denoiser returns that
+    composite at high noise, so its output depends on the future poses, and the sampler
+    starts around it. Needs silhouettes."""
+    from persistworld.errors import UserError
+    from persistworld.world_model import edm
+    with pytest.raises(UserError, match="silhouettes=true"):
+        build_world_model({**TINY, "x0_anchor": "composite"})
+    torch.manual_seed(0)
+    m = build_world_model({**TINY, "x0_anchor": "composite", "silhouettes": True,
+                           "silhouette_hidden": 16, "sampler_start": "anchor"}).eval()
+    sil = m.silhouettes
+
+    def logits(poses):                          # the robot fills cell (0, 0) of ext1 iff x > 0
+        out = torch.full((*poses.shape[:-1], 3, 4, 4), -50.0)
+        out[..., 0, 0, 0] = 100.0 * poses[..., 0]
+        return out
+    sil.logits = logits
+    with torch.no_grad():
+        sil.colour.fill_(0.9)
+    poses = torch.zeros(1, 1 + m.future, 7)
+    poses[0, 0, 0] = 1.0                        # the robot is in cell (0, 0) now,
+    poses[0, 1:, 0] = -1.0                      # leaves it,
+    poses[0, -1, 0] = 1.0                       # and is back at the last future frame
+    last = torch.rand(1, 3, 3, 16, 16)
+    comp = sil.composite(last, poses)           # (1, L, V, 3, h, w)
+    rest = torch.ones(16, 16, dtype=torch.bool)
+    rest[:4, :4] = False
+    for c in range(3):                          # where it left: the view's mean background
+        assert torch.allclose(comp[0, 0, 0, c, :4, :4], last[0, 0, c][rest].mean())
+    assert torch.equal(comp[0, -1], last[0])    # where it stays: its own pixels
+    assert torch.equal(comp[0, :, 0, :, 4:], last[0, 0, :, 4:].expand(m.future, 3, 12, 16))
+    assert torch.equal(comp[0, :, 1:], last[0, 1:].expand(m.future, 2, 3, 16, 16))
+    arrives = torch.zeros_like(poses)           # absent now, there in the last frame only
+    arrives[0, :, 0] = -1.0
+    arrives[0, -1, 0] = 1.0
+    comp_in = sil.composite(last, arrives)
+    assert torch.equal(comp_in[0, -1, 0, :, :4, :4], torch.full((3, 4, 4), 0.9))
+    assert torch.equal(comp_in[0, :-1], last.expand(m.future - 1, 3, 3, 16, 16))
+    torch.nn.init.zeros_(m.head.out.weight)     # F = 0
+    torch.nn.init.zeros_(m.head.out.bias)
+    buf, _ = _inputs(m, B=1)
+    buf.latents[:, -1] = m.encode(last[:, None])[:, 0]
+    buf.actions[:, -1] = poses[:, 0]
+    acts = poses[:, 1:].clone()
+    sigma = torch.tensor([80.0])
+    x = torch.randn(1, m.future, *m.latent_shape())
+    with torch.no_grad():
+        got = m.denoise(x, sigma, buf, acts)
+        anchor = m.encode(comp)
+        torch.testing.assert_close(got, anchor + edm.c_skip(sigma).view(-1, 1, 1, 1, 1)
+                                   * (x - anchor))
+        other = acts.clone()
+        other[:, -1, 0] = -1.0
+        assert not torch.allclose(m.denoise(x, sigma, buf, other), got)
+        noise = torch.randn_like(x)
+        one = m.sample_chunk(buf, acts, noise=noise, num_steps=1)
+        torch.testing.assert_close(one, m.denoise(anchor + m.cfg.sigma_max * noise,
+                                                  torch.full((1,), m.cfg.sigma_max), buf, acts))
+
+
+def test_silhouette_loss_fits_the_robot_colour():
+    """The decoder's loss with pixels adds the squared error of the per-view robot colour on
+    the robot's pixels only: it is smallest at their mean."""
+    m = build_world_model({**TINY, "silhouettes": True, "silhouette_hidden": 16})
+    poses = torch.zeros(1, 2, 7)
+    masks = torch.zeros(1, 2, 3, 16, 16, dtype=torch.uint8)
+    masks[..., :8, :] = 1
+    frames = torch.rand(1, 2, 3, 3, 16, 16)
+    frames[..., :8, :] = 0.25                       # the robot's pixels
+    with torch.no_grad():
+        m.silhouettes.colour.fill_(0.25)
+        at_mean = m.auxiliary_losses(poses, masks, frames)["silhouette"]
+        bce = m.auxiliary_losses(poses, masks)["silhouette"]
+        m.silhouettes.colour.fill_(0.75)
+        off = m.auxiliary_losses(poses, masks, frames)["silhouette"]
+    torch.testing.assert_close(at_mean, bce)
+    torch.testing.assert_close(off - bce, torch.tensor([0.25]))

@@ -253,6 +253,7 @@ class ClipDataset(torch.utils.data.Dataset):
             "future_frames": _to_float_frames(ep.rgb[fut_idx]),
             "hist_actions": torch.from_numpy(poses[hist_idx]),
             "future_actions": torch.from_numpy(poses[fut_idx]),
+            "hist_masks": torch.from_numpy(ep.mask[hist_idx]),
             "future_masks": torch.from_numpy(ep.mask[fut_idx]),
             "episode": eid,
             "t": int(t),

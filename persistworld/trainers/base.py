@@ -88,8 +88,18 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"trainer.{key} must be >= 1, got {t[key]}")
     if float(t.lr) <= 0:
         raise UserError(f"trainer.lr must be > 0, got {t.lr}")
+    if float(t.get("aux_lr_scale", 1.0)) <= 0:
+        raise UserError(f"trainer.aux_lr_scale must be > 0, got {t.aux_lr_scale}")
     if float(t.get("motion_weight", 0.0)) < 0:
         raise UserError(f"trainer.motion_weight must be >= 0, got {t.motion_weight}")
+    warm = int(t.get("aux_warmup_steps", 0))
+    if warm < 0 or warm >= int(t.steps):
+        raise UserError(f"trainer.aux_warmup_steps must be in [0, trainer.steps={t.steps}), got "
+                        f"{warm}")
+    if warm and not cfg.world_model.get("silhouettes"):
+        raise UserError("trainer.aux_warmup_steps > 0 fits the world model's side modules "
+                        "first, and it has none: set world_model.silhouettes=true or "
+                        "trainer.aux_warmup_steps=0")
     if str(t.schedule) not in SCHEDULES:
         raise UserError(f"trainer.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
     if int(t.eval_sample_clips) > int(t.eval_clips):
@@ -124,6 +134,15 @@ def _batch_to(batch: dict, model: WorldModel, device: torch.device):
         batch["future_actions"].to(device)
 
 
+def _frames_and_masks(batch: dict, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every frame's pose (N, H+L, A), class mask (N, H+L, V, h, w) and pixels (N, H+L, V, 3,
+    h, w) of a clip batch, for ``WorldModel.auxiliary_losses``."""
+    both = [torch.cat([batch[f"hist_{k}"], batch[f"future_{k}"]], 1).to(device)
+            for k in ("actions", "masks", "frames")]
+    return tuple(both)
+
+
 def lognormal_quantiles(n: int, p_mean: float, p_std: float) -> torch.Tensor:
     """(n,) deterministic noise levels covering the training distribution evenly."""
     u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
@@ -155,6 +174,8 @@ def validate_one_chunk(model: WorldModel, batch: dict, seed: int, sample_clips: 
         losses.append(out["loss"])
         mses.append(out["mse"])
     row = {"val/loss": torch.cat(losses).mean().item(), "val/mse": torch.cat(mses).mean().item()}
+    row.update({f"val/{k}": v.mean().item()
+                for k, v in model.auxiliary_losses(*_frames_and_masks(batch, device)).items()})
     if sample_clips > 0:
         n = sample_clips
         sub = HistoryBuffer(buffer.latents[:n], buffer.actions[:n])
@@ -208,12 +229,19 @@ def _init_weights(model: WorldModel, init: str | Path) -> list[str]:
     """``trainer.init_from``: start a new run from the weights of a model file (a run's
     model.pt or an exported one) of the same architecture; settings that only shape training
     or sampling (noise levels, history noise, sampler) may differ, and so may added inputs
-    (``pose_maps``: ``grow_input_channels``). A resumed run ignores it: its checkpoint holds
-    the weights. Returns the names of the grown tensors."""
+    (``pose_maps``, ``silhouettes``: ``grow_input_channels``) and whole added modules (the
+    ``silhouettes`` decoder starts fresh). A resumed run ignores it: its checkpoint holds the
+    weights. Returns the names of the grown tensors and added modules."""
     from persistworld.world_model import load_world_model
     path = init_path(init)
     source = load_world_model(path)
-    weights, grown = grow_input_channels(model.state_dict(), source.state_dict())
+    target = model.state_dict()
+    weights, grown = grow_input_channels(target, source.state_dict())
+    # a module the source lacks entirely (``silhouettes``) keeps its fresh initialisation
+    have = {k.split(".", 1)[0] for k in weights}
+    added = sorted({k.split(".", 1)[0] for k in target if k.split(".", 1)[0] not in have})
+    weights.update({k: v for k, v in target.items() if k.split(".", 1)[0] in added})
+    grown += [f"{m} (new module)" for m in added]
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -277,7 +305,12 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
     model = build_world_model(cfg.world_model).to(device)
     wm_config = model.config_dict()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(t.lr), betas=tuple(t.betas),
+    side = {id(p) for m in model.auxiliary_modules() for p in m.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in side]}]
+    if side:            # the side modules' own learning rate (they start fresh under init_from)
+        groups.append({"params": [p for p in params if id(p) in side],
+                       "lr": float(t.lr) * float(t.get("aux_lr_scale", 1.0))})
+    opt = torch.optim.AdamW(groups, lr=float(t.lr), betas=tuple(t.betas),
                             weight_decay=float(t.weight_decay))
     steps = int(t.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
@@ -303,7 +336,8 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
         print(f"train-base: resuming {run.root} from step {step}")
     elif t.get("init_from"):
         grown = _init_weights(model, t.init_from)
-        extra = f" (new input channels zero-initialised in {', '.join(grown)})" if grown else ""
+        extra = (f" (new input channels zero-initialised or new modules: {', '.join(grown)})"
+                 if grown else "")
         run.log(f"weights initialised from {t.init_from}{extra}")
         print(f"train-base: weights initialised from {t.init_from}{extra}")
     run.write_config(OmegaConf.to_yaml(cfg, resolve=True), hydra_overrides())
@@ -349,6 +383,7 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
                disable=None)
     log_every, acc, acc_n, t_last = int(t.log_every), {}, 0, time.time()
     motion_weight = float(t.get("motion_weight", 0.0))
+    aux_warmup = int(t.get("aux_warmup_steps", 0))
     if motion_weight > 0 and not hasattr(model, "motion_weight"):
         raise UserError(f"trainer.motion_weight: the {type(model).__name__} backend has no "
                         f"latent-space mask weighting; set it to 0")
@@ -361,11 +396,17 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
             x0, buffer, acts = _batch_to(batch, model, device)
             g = torch.Generator().manual_seed(derive_seed(seed, step, _NOISE_STREAM))
             sigma, eps, hist_eps, hist_level = draw_noise(model, x0, buffer.latents, g)
-            weight = (model.motion_weight(batch["future_masks"].to(device), motion_weight)
-                      if motion_weight > 0 else None)
-            out = denoising_loss(model, x0, buffer, acts, sigma, eps,
-                                 model.training_history_noise(), hist_eps, hist_level, weight)
-            loss = out["loss"].mean()
+            aux = model.auxiliary_losses(*_frames_and_masks(batch, device))
+            loss = sum(v.mean() for v in aux.values())
+            parts = {f"aux/{k}": v.mean().item() for k, v in aux.items()}
+            if step >= aux_warmup:        # before: S0, the side modules alone (they start fresh)
+                weight = (model.motion_weight(batch["future_masks"].to(device), motion_weight)
+                          if motion_weight > 0 else None)
+                out = denoising_loss(model, x0, buffer, acts, sigma, eps,
+                                     model.training_history_noise(), hist_eps, hist_level,
+                                     weight)
+                loss = loss + out["loss"].mean()
+                parts.update(loss=out["loss"].mean().item(), mse=out["mse"].mean().item())
             # S3 update
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -376,15 +417,15 @@ def _train(cfg: DictConfig, run: RunDir, train_ds, val_ds, device: torch.device)
             sched.step()
             step += 1
             # S4 record
-            for k, v in (("loss", loss.item()), ("mse", out["mse"].mean().item()),
-                         ("grad_norm", gnorm.item())):
-                acc[k] = acc.get(k, 0.0) + v
+            for k, v in (*parts.items(), ("grad_norm", gnorm.item())):
+                total, n = acc.get(k, (0.0, 0))
+                acc[k] = (total + v, n + 1)
             acc_n += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % log_every == 0 or step == steps:
                 now = time.time()
-                run.log_metrics(step, "train", {**{k: v / acc_n for k, v in acc.items()},
+                run.log_metrics(step, "train", {**{k: v / n for k, (v, n) in acc.items()},
                                                 "lr": lr, "sec_per_step": (now - t_last) / acc_n})
                 acc, acc_n, t_last = {}, 0, now
             if val_batch is not None and (step % eval_every == 0 or step == steps):

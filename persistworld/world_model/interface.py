@@ -111,3 +111,16 @@ class WorldModel(abc.ABC, torch.nn.Module):
     def training_history_noise(self) -> float:
         """Scale of the training-only history noise augmentation (0 = off)."""
         return 0.0
+
+    def auxiliary_losses(self, poses: torch.Tensor, masks: torch.Tensor,
+                         frames: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample losses (N,) of side modules base training fits beside the denoising
+        loss, from the poses (N, T, A), the rendered class masks (N, T, V, h, w) (0 background,
+        1 robot, 2 object) and the pixels (N, T, V, 3, h, w) of the same frames; {} when the
+        backend has none."""
+        return {}
+
+    def auxiliary_modules(self) -> list[torch.nn.Module]:
+        """The side modules ``auxiliary_losses`` trains (base training gives them
+        ``trainer.aux_lr_scale`` times the learning rate); [] when none."""
+        return []
