@@ -42,7 +42,7 @@ def main() -> None:
     from persistworld.data.dataset import RolloutDataset
     from persistworld.rollout.autoregressive import chunk_noise
     from persistworld.utils.seeding import derive_seed
-    from persistworld.world_model import HistoryBuffer, load_world_model
+    from persistworld.world_model import load_world_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="+")
@@ -74,7 +74,7 @@ def main() -> None:
             raise SystemExit(f"{path} predicts {L} frames, {a.models[0]} {future}: compare "
                              f"models of one chunk layout")
         start = model.encode(b["start_frame"][:, None])[:, 0]
-        buf = HistoryBuffer.backfill(start, b["start_action"], model.history)
+        buf = model.start_buffer(start, b["start_action"])
         acts = b["actions"][:, :L]
         variants = {"true actions": acts, "shuffled actions": acts[perm],
                     "frozen (start pose)": b["start_action"][:, None].repeat(1, L, 1)}

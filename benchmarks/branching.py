@@ -18,7 +18,7 @@ import torch
 
 from persistworld.data.dataset import RolloutDataset
 from persistworld.rollout.branching import branch
-from persistworld.world_model import HistoryBuffer, load_world_model
+from persistworld.world_model import load_world_model
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     model = load_world_model(a.model)
     item = RolloutDataset(a.data, "val", 1, model.future, 1, starts_per_episode=1)[0]
     start = model.encode(item["start_frame"][None, None])[:, 0]
-    prefix = HistoryBuffer.backfill(start, item["start_action"][None], model.history)
+    prefix = model.start_buffer(start, item["start_action"][None])
     acts = item["actions"][None, :model.future]
     seed = 1234
 

@@ -13,7 +13,7 @@ import torch
 
 from persistworld.data.dataset import RolloutDataset
 from persistworld.rollout.autoregressive import rollout
-from persistworld.world_model import HistoryBuffer, load_world_model
+from persistworld.world_model import load_world_model
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     model = load_world_model(a.model)
     item = RolloutDataset(a.data, "val", a.chunks, model.future, 1, starts_per_episode=1)[0]
     start = model.encode(item["start_frame"][None, None])[:, 0]
-    buf = HistoryBuffer.backfill(start, item["start_action"][None], model.history)
+    buf = model.start_buffer(start, item["start_action"][None])
     params = sum(p.numel() for p in model.parameters()) / 1e6
     for steps in a.steps:
         t = time.perf_counter()

@@ -37,7 +37,7 @@ def main() -> None:
     from persistworld.metrics.image import ssim
     from persistworld.rollout.autoregressive import chunk_noise
     from persistworld.utils.seeding import derive_seed
-    from persistworld.world_model import HistoryBuffer, load_world_model
+    from persistworld.world_model import load_world_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="+")
@@ -64,7 +64,7 @@ def main() -> None:
         m = load_world_model(path)
         default = (m.cfg.sampler, m.cfg.sigma_min, m.cfg.sigma_max)
         start = m.encode(b["start_frame"].unsqueeze(1))[:, 0]
-        buf = HistoryBuffer.backfill(start, b["start_action"], m.history)
+        buf = m.start_buffer(start, b["start_action"])
         seeds = [derive_seed(0, int(e), int(t)) for e, t in zip(b["episode"], b["start"])]
         noise = chunk_noise(m, seeds, 0)
         for v in VARIANTS:

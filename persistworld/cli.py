@@ -49,6 +49,8 @@ PLAIN_COMMANDS: dict[str, tuple[str, str]] = {
               "run a paper ablation sweep (sweeps/NAME.yaml): pre-flight, then Hydra multirun"),
     "export-model": ("persistworld.world_model.export:main",
                      "write a compact (float16) copy of a trained model.pt to ship or share"),
+    "import-model": ("persistworld.world_model.importer:main",
+                     "build a model.pt from a backend config (e.g. the released Ctrl-World)"),
     "study": ("persistworld.study.cli:main",
               "the human 2AFC preference study: create | serve | report (paper App. D)"),
     "fetch-lpips": ("persistworld.cli:fetch_lpips_main",

@@ -37,7 +37,7 @@ from persistworld.evaluation.videos import side_by_side, to_uint8, write_gif
 from persistworld.rollout.autoregressive import rollout
 from persistworld.utils.io import atomic_path, atomic_write_json
 from persistworld.utils.seeding import derive_seed
-from persistworld.world_model.interface import VIEWS, HistoryBuffer, WorldModel
+from persistworld.world_model.interface import VIEWS, WorldModel
 
 MODES = ("autoregressive", "teacher_forced")
 METRICS = ("ssim", "psnr", "lpips")
@@ -85,7 +85,7 @@ def model_predictor(model: WorldModel) -> Predictor:
     def predict(batch: dict, s: EvalSettings) -> torch.Tensor:
         device = next(model.parameters()).device
         start = model.encode(batch["start_frame"].unsqueeze(1).to(device))[:, 0]  # (B, C, Hs, Ws)
-        buffer = HistoryBuffer.backfill(start, batch["start_action"].to(device), model.history)
+        buffer = model.start_buffer(start, batch["start_action"].to(device))
         teacher = model.encode(batch["frames"].to(device)) if s.mode == "teacher_forced" else None
         seeds = [derive_seed(s.seed, int(e), int(t0)) for e, t0 in
                  zip(batch["episode"], batch["start"])]

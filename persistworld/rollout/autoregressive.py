@@ -13,8 +13,8 @@ from persistworld.world_model.interface import HistoryBuffer, WorldModel
 
 
 def chunk_noise(model: WorldModel, seeds: list[int], chunk: int) -> torch.Tensor:
-    """(B, L, C, Hs, Ws) standard normal noise for chunk ``chunk`` of each sample."""
-    shape = (model.future, *model.latent_shape())
+    """(B, noise_frames, C, Hs, Ws) standard normal noise for chunk ``chunk`` of each sample."""
+    shape = (model.noise_frames, *model.latent_shape())
     return seeded_normal(shape, [derive_seed(s, chunk) for s in seeds])
 
 

@@ -337,8 +337,7 @@ class PostTrainer:
         L, F = self.setup.future, self.setup.branch_chunks
         steps = self.cfg.rollout.sampler_steps
         start = sampler.encode(batch["start_frame"].unsqueeze(1).to(self.device))[:, 0]
-        buffer = HistoryBuffer.backfill(start, batch["start_action"].to(self.device),
-                                        sampler.history)
+        buffer = sampler.start_buffer(start, batch["start_action"].to(self.device))
         acts = batch["actions"].to(self.device)                          # (B, (Pmax+F)*L, A)
         t = time.perf_counter()
         with self.autocast():

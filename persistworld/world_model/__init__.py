@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from persistworld.world_model import edm
+from persistworld.world_model.ctrl_world import CtrlWorldConfig, CtrlWorldModel
 from persistworld.world_model.embedded import ActionEncoder, EmbeddedConfig, EmbeddedWorldModel
 from persistworld.world_model.interface import VIEWS, HistoryBuffer, WorldModel
 from persistworld.errors import MissingFile, UserError
@@ -20,10 +21,11 @@ from persistworld.errors import MissingFile, UserError
 MODEL_FILE = "model.pt"
 FORMAT = "persistworld.world_model"
 FORMAT_VERSION = 1
-BACKENDS = {"embedded": (EmbeddedConfig, EmbeddedWorldModel)}
+BACKENDS = {"embedded": (EmbeddedConfig, EmbeddedWorldModel),
+            "ctrl_world": (CtrlWorldConfig, CtrlWorldModel)}
 
 __all__ = ["VIEWS", "HistoryBuffer", "WorldModel", "EmbeddedConfig", "EmbeddedWorldModel",
-           "ActionEncoder", "edm", "build_world_model", "save_world_model", "load_world_model",
+           "ActionEncoder", "CtrlWorldConfig", "CtrlWorldModel", "edm", "build_world_model", "save_world_model", "load_world_model",
            "world_model_config", "MODEL_FILE"]
 
 

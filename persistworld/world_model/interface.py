@@ -1,4 +1,4 @@
-"""The world-model contract every backend implements (embedded now, Ctrl-World/SVD later).
+"""The world-model contract every backend implements (``embedded.py``, ``ctrl_world.py``).
 
 Shapes (B = batch, e.g. candidates; H = history frames; L = future frames per chunk;
 V = 3 views in ``VIEWS`` order; A = 7 action dims; pixel frames are float in [0, 1]):
@@ -62,6 +62,24 @@ class WorldModel(abc.ABC, torch.nn.Module):
     history: int  # H
     future: int   # L
 
+    @property
+    def memory(self) -> int:
+        """Frames a rollout's ``HistoryBuffer`` keeps (default H: the buffer is the history).
+        A backend with a sparse history memory (Ctrl-World) keeps more and gathers its H
+        slots from them inside ``denoise``."""
+        return self.history
+
+    @property
+    def noise_frames(self) -> int:
+        """Frames of standard-normal noise one chunk's sampler draws (default L; Ctrl-World
+        also generates the current frame again)."""
+        return self.future
+
+    def start_buffer(self, latent: torch.Tensor, action: torch.Tensor) -> HistoryBuffer:
+        """The buffer of a rollout that starts from ONE observed frame latent (B, C, Hs, Ws)
+        and its pose (B, A): ``memory`` copies of it (METHOD.md §1)."""
+        return HistoryBuffer.backfill(latent, action, self.memory)
+
     @abc.abstractmethod
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, V, 3, h, w) pixels in [0, 1] -> (B, T, C, Hs, Ws) latents."""
@@ -82,7 +100,7 @@ class WorldModel(abc.ABC, torch.nn.Module):
                      num_steps: int | None = None,
                      noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample L future latents (B, L, C, Hs, Ws) with the Euler sampler (no grad). The
-        randomness comes only from ``noise`` (standard normal, (B, L, C, Hs, Ws); the sampler
+        randomness comes only from ``noise`` (standard normal, (B, noise_frames, C, Hs, Ws); the sampler
         scales it by the first sigma) or else ``generator``, so a chunk is reproducible from
         its seed."""
 
