@@ -12,8 +12,7 @@ import torch
 
 from persistworld.errors import MissingFile, UserError
 from persistworld.world_model import build_world_model, load_world_model, save_world_model
-from persistworld.world_model.ctrl_world import (UNUSED_PREFIXES, CtrlWorldConfig,
-                                                 _stock_unet_class, defaults,
+from persistworld.world_model.ctrl_world import (CtrlWorldConfig, _stock_unet_class, defaults,
                                                  frame_level_unet_class,
                                                  load_released_checkpoint, unet_kwargs)
 from persistworld.world_model.interface import HistoryBuffer
@@ -396,3 +395,16 @@ def test_one_post_training_run_end_to_end(tiny_dataset, tmp_path):
                for k in before if k.startswith("vae."))
     assert any(not torch.equal(before[k], after[k].to(before[k].dtype))
                for k in before if k.startswith("unet."))
+
+
+def test_gpu_benchmark_runs_on_the_tiny_configuration(tmp_path):
+    """benchmarks/ctrl_world_gpu.py (run on a lent GPU at full size) on the CPU, tiny."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ctrl_world_gpu.py"
+    spec = importlib.util.spec_from_file_location("ctrl_world_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--tiny", "--steps", "2", "--group", "2", "--micro", "1", "--rank", "2",
+                    "--out", str(tmp_path / "gpu.json")])
+    assert out["chunk_s"] > 0 and out["update_s"] > 0 and out["lora_M"] > 0
+    assert (tmp_path / "gpu.json").exists()

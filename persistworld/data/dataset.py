@@ -26,6 +26,7 @@ from persistworld.world_model.interface import VIEWS
 from persistworld.errors import UserError
 
 REQUIRED_KEYS = ("rgb", "mask", "eef_pose", "action", "eef_quat", "meta")
+UNKNOWN_CLASS = 255        # the mask of data without segmentation (manifest "masks": false)
 RENDER_HINT = "create it with `persistworld render data.root={root}`"
 # episode splits: models train on `train`; every choice of a setting (learning-rate sweeps,
 # Optuna objectives and pruning, in-training checks) is made on `val`; tables, paired tests
@@ -90,6 +91,11 @@ class EpisodeStore:
         self._by_id = {e["id"]: e for e in self.manifest["episodes"]}
         self.verify_checksums = verify_checksums
 
+    @property
+    def has_masks(self) -> bool:
+        """False for converted real data (``persistworld convert-data``): no segmentation."""
+        return bool((self.manifest.get("config") or {}).get("masks", True))
+
     def episode_ids(self, split: str | None = None) -> list[int]:
         if split not in (None, *SPLITS):
             raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -116,10 +122,14 @@ class EpisodeStore:
             self._verify(path, entry["sha256"], fix)
         try:
             with np.load(path, allow_pickle=False) as z:
-                missing = [k for k in REQUIRED_KEYS if k not in z.files]
+                keys = [k for k in REQUIRED_KEYS if k != "mask" or self.has_masks]
+                missing = [k for k in keys if k not in z.files]
                 if missing:
                     raise DatasetError(f"episode file {path} lacks arrays {missing}; {fix}")
-                arrays = {k: z[k] for k in REQUIRED_KEYS}
+                arrays = {k: z[k] for k in keys}
+            if not self.has_masks:          # converted real data: every pixel "unknown"
+                arrays["mask"] = np.broadcast_to(np.uint8(UNKNOWN_CLASS),
+                                                 arrays["rgb"].shape[:4])
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
             raise DatasetError(f"episode file {path} is corrupt or truncated ({e}); {fix}") from e
         self._check_arrays(path, arrays, entry, fix)

@@ -15,23 +15,29 @@ from persistworld.errors import UserError
 MASK_COLOURS = np.array([[30, 30, 30], [70, 140, 255], [255, 170, 40]], np.uint8)
 
 
-def contact_sheet(rgb: np.ndarray, mask: np.ndarray, frames: np.ndarray, labels: list[str],
-                  scale: int = 2, pad: int = 2, label_w: int = 56) -> Image.Image:
-    """rgb (T, V, h, w, 3) uint8, mask (T, V, h, w) -> one PIL image."""
+def contact_sheet(rgb: np.ndarray, mask: np.ndarray | None, frames: np.ndarray,
+                  labels: list[str], scale: int | None = None, pad: int = 2,
+                  label_w: int = 56) -> Image.Image:
+    """rgb (T, V, h, w, 3) uint8, mask (T, V, h, w) or None (data without segmentation) ->
+    one PIL image; ``scale`` defaults to 2 for small renders, 1 from 128 pixels up."""
     _, V, h, w, _ = rgb.shape
+    scale = scale or (2 if h < 128 else 1)
+    kinds = [("rgb", rgb)] + ([("mask", MASK_COLOURS[mask])] if mask is not None else [])
     cell_h, cell_w = h * scale + pad, w * scale + pad
     top = 14
-    sheet = Image.new("RGB", (label_w + len(frames) * cell_w, top + 2 * V * cell_h), "white")
+    sheet = Image.new("RGB", (label_w + len(frames) * cell_w, top + len(kinds) * V * cell_h),
+                      "white")
     draw = ImageDraw.Draw(sheet)
     for j, t in enumerate(frames):
         draw.text((label_w + j * cell_w + 2, 1), f"t={t}", fill="black")
     for v in range(V):
-        for k, (kind, images) in enumerate((("rgb", rgb[:, v]), ("mask", MASK_COLOURS[mask[:, v]]))):
-            row = 2 * v + k
+        for k, (kind, images) in enumerate(kinds):
+            row = len(kinds) * v + k
             draw.text((2, top + row * cell_h + cell_h // 2 - 6), f"{labels[v]}\n{kind}",
                       fill="black")
             for j, t in enumerate(frames):
-                tile = Image.fromarray(images[t]).resize((w * scale, h * scale), Image.NEAREST)
+                tile = Image.fromarray(images[t, v]).resize((w * scale, h * scale),
+                                                            Image.NEAREST)
                 sheet.paste(tile, (label_w + j * cell_w, top + row * cell_h))
     return sheet
 
@@ -44,7 +50,7 @@ def write_preview(root: str | Path, episode: int = 0, num_frames: int = 8,
         raise UserError(f"episode={episode} is not in {root} (it has ids {ids[0]}..{ids[-1]})")
     ep = store.load(episode)
     frames = np.linspace(0, ep.num_steps - 1, num_frames).round().astype(int)
-    sheet = contact_sheet(ep.rgb, ep.mask, frames, list(VIEWS))
+    sheet = contact_sheet(ep.rgb, ep.mask if store.has_masks else None, frames, list(VIEWS))
     out = Path(out) if out is not None else Path(root) / "preview.png"
     with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")

@@ -235,6 +235,9 @@ def evaluate(predictor: Predictor, data_root: str | Path, out_dir: str | Path | 
         settings = EvalSettings(**{**settings.__dict__, "num_videos": 0})
     ds = RolloutDataset(data_root, settings.split, settings.num_chunks, future, stride,
                         settings.starts_per_episode, settings.max_samples)
+    if settings.masked and not ds.store.has_masks:
+        raise UserError(f"eval.masked=true but the dataset {data_root} has no segmentation "
+                        f"masks (converted real data): set eval.masked=false")
     loader = torch.utils.data.DataLoader(ds, batch_size=settings.batch_size, shuffle=False)
     lpips_model = get_lpips(lpips_device)
     # autoregressive: repeat_last knows only the start frame, i.e. it IS nothing_moves

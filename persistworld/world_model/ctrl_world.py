@@ -129,7 +129,6 @@ class CtrlWorldConfig:
     current_noise_seed: int
     # execution
     dtype: str
-    gradient_checkpointing: bool
     # weights (build time only; a saved model.pt holds its weights itself)
     checkpoint: str | None
     svd_path: str | None
@@ -305,8 +304,6 @@ class CtrlWorldModel(WorldModel):
         self.vae = build_vae(cfg)
         self.vae.requires_grad_(False)          # frozen, as in Ctrl-World
         self.action_encoder = ActionEncoder(cfg.action_dim, cfg.action_hidden)
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
         self._current_eps: dict = {}
         if cfg.checkpoint:
             load_released_checkpoint(self, cfg.checkpoint)
