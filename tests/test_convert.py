@@ -12,7 +12,7 @@ import pytest
 from persistworld.data.convert import ConversionError, convert, main
 from persistworld.errors import UserError
 
-H0, W0 = 24, 40          # source frames (DROID is 180 x 320; small here)
+H0, W0 = 32, 48          # source frames (DROID is 180 x 320; small here, whole macro blocks)
 H, W = 16, 32            # converted
 
 

@@ -408,3 +408,100 @@ def test_gpu_benchmark_runs_on_the_tiny_configuration(tmp_path):
                     "--out", str(tmp_path / "gpu.json")])
     assert out["chunk_s"] > 0 and out["update_s"] > 0 and out["lora_M"] > 0
     assert (tmp_path / "gpu.json").exists()
+
+
+# ---- text conditioning (CLIP text tokens on every pose token) --------------------------------
+def write_tiny_clip(root: Path, projection_dim: int = 16) -> Path:
+    """A CLIP text config and a character-level tokenizer in a folder, as clip_path expects."""
+    import json
+    from transformers import CLIPTextConfig, CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"),
+                  model_max_length=12).save_pretrained(root)
+    CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                   num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=12,
+                   projection_dim=projection_dim, bos_token_id=0, eos_token_id=1,
+                   pad_token_id=1).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    return write_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def test_text_tokens_condition_the_chunk_and_travel_with_the_buffer(clip_dir):
+    m = tiny(text_cond=True, clip_path=str(clip_dir))
+    emb = m.encode_text(["pick the blue block", "put it away"])
+    assert emb.shape == (2, 32) and torch.equal(emb[:, :16], emb[:, 16:])   # tiled x2
+    C, Hs, Ws = m.latent_shape()
+    lat, act = torch.randn(2, C, Hs, Ws), torch.zeros(2, 7)
+    a = m.start_buffer(lat, act, ["pick the blue block", "pick the blue block"])
+    b = m.start_buffer(lat, act, ["pick the blue block", "put it away"])
+    assert torch.equal(a.repeat_interleave(3).context[3], a.context[1])
+    acts = torch.rand(2, 4, 7)
+    noise = torch.randn(2, m.noise_frames, C, Hs, Ws)
+    xa, xb = m.sample_chunk(a, acts, noise=noise), m.sample_chunk(b, acts, noise=noise)
+    assert torch.equal(xa[0], xb[0]) and not torch.allclose(xa[1], xb[1])
+    with pytest.raises(UserError, match="no task text"):
+        m.sample_chunk(m.start_buffer(lat, act), acts, noise=noise)
+
+
+def test_text_encoder_weights_load_from_the_checkpoint_when_text_cond(clip_dir, tmp_path):
+    m = tiny(text_cond=True, clip_path=str(clip_dir))
+    assert any(k.startswith("text_encoder.") for k in m.state_dict())
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["image_encoder.vision_model.embeddings.class_embedding"] = torch.zeros(8)
+    path = tmp_path / "checkpoint-10000.pt"
+    torch.save(sd, path)
+    back = tiny(text_cond=True, clip_path=str(clip_dir), checkpoint=str(path))
+    for k, v in m.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    # the same file without text_cond loads, and says what is being ignored
+    with pytest.warns(UserWarning, match="text_cond=true"):
+        tiny(checkpoint=str(path))
+    with pytest.raises(UserError, match="world_model.clip_path"):
+        tiny(text_cond=True)
+    with pytest.raises(MissingFile, match="openai/clip-vit-base-patch32"):
+        tiny(text_cond=True, clip_path=str(tmp_path / "nothing"))
+
+
+@pytest.mark.slow
+def test_post_training_on_converted_ctrl_world_data_with_task_texts(clip_dir, tmp_path):
+    """Ctrl-World's data layout -> convert-data -> a text-conditioned tiny Ctrl-World
+    post-trained and evaluated on it (masks absent: eval.masked=false)."""
+    from hydra import compose, initialize_config_module
+
+    from persistworld.data.convert import convert
+    from persistworld.trainers.post_train import post_train
+    from persistworld.utils.io import read_jsonl
+    from test_convert import write_ctrl_world
+    data = convert("ctrl_world", write_ctrl_world(tmp_path / "src", n_train=3, n_val=2, T=9),
+                   tmp_path / "droid", 32, 64, progress=False)     # LPIPS needs >= 31 px
+    base = tmp_path / "cw.pt"
+    save_world_model(tiny(text_cond=True, clip_path=str(clip_dir), image_height=32,
+                          image_width=64,
+                          history_idx=[0, 0, -2, -2, -1, -1], memory=8), base)
+    run = tmp_path / "run"
+    overrides = [f"data.root={data}", f"base_model={base}", f"run_dir={run}",
+                 "data.image_height=32", "data.image_width=64", "data.future=4", "seed=1",
+                 "rollout.prefix.low=0", "rollout.prefix.high=0", "rollout.group_size=2",
+                 "rollout.best_of_n=1", "rollout.sampler_steps=2", "trainer.steps=2",
+                 "trainer.batch_size=1", "trainer.ckpt_every=1", "trainer.num_threads=1",
+                 "trainer.progress=false", "lora.rank=2", "lora.alpha=2",
+                 "trainer.eval_every=0", "eval.num_chunks=1", "eval.max_samples=1",
+                 "eval.num_steps=2", "eval.num_videos=0", "eval.starts_per_episode=1",
+                 "eval.masked=false"]
+    with initialize_config_module("persistworld.conf", version_base="1.3"):
+        cfg = compose("post_train", overrides=overrides)
+    post_train(cfg, overrides=overrides)
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    summary = [p for p in run.rglob("summary.json")]
+    assert summary, "the final evaluation wrote no summary"

@@ -205,6 +205,12 @@ class EpisodeStore:
         return np.clip(2.0 * (x - lo) / span - 1.0, -1.0, 1.0).astype(np.float32)
 
 
+def episode_text(ep: Episode) -> str:
+    """The episode's first task instruction (converted real data: ``meta["texts"]``), or ""."""
+    texts = ep.meta.get("texts") or []
+    return str(texts[0]) if texts else ""
+
+
 def _to_float_frames(rgb: np.ndarray) -> torch.Tensor:
     """(T, V, h, w, 3) uint8 -> (T, V, 3, h, w) float32 in [0, 1]."""
     return torch.from_numpy(rgb).permute(0, 1, 4, 2, 3).float().div_(255.0)
@@ -317,6 +323,7 @@ class RolloutDataset(torch.utils.data.Dataset):
             "frames": _to_float_frames(ep.rgb[fut_idx]),              # (N*L, V, 3, h, w)
             "masks": torch.from_numpy(ep.mask[fut_idx]),              # (N*L, V, h, w)
             "actions": torch.from_numpy(poses[fut_idx]),              # (N*L, 7)
+            "text": episode_text(ep),                                 # the task instruction
             "episode": eid,
             "start": int(t0),
             "sample": i,

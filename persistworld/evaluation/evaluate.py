@@ -85,7 +85,7 @@ def model_predictor(model: WorldModel) -> Predictor:
     def predict(batch: dict, s: EvalSettings) -> torch.Tensor:
         device = next(model.parameters()).device
         start = model.encode(batch["start_frame"].unsqueeze(1).to(device))[:, 0]  # (B, C, Hs, Ws)
-        buffer = model.start_buffer(start, batch["start_action"].to(device))
+        buffer = model.start_buffer(start, batch["start_action"].to(device), batch.get("text"))
         teacher = model.encode(batch["frames"].to(device)) if s.mode == "teacher_forced" else None
         seeds = [derive_seed(s.seed, int(e), int(t0)) for e, t0 in
                  zip(batch["episode"], batch["start"])]

@@ -19,11 +19,14 @@ def to_uint8(frames) -> np.ndarray:
     return (arr.clip(0, 1) * 255 + 0.5).astype(np.uint8).transpose(0, 1, 3, 4, 2)
 
 
-def side_by_side(rows: dict[str, object], scale: int = 2, fps_hint: int = 5) -> list[np.ndarray]:
+def side_by_side(rows: dict[str, object], scale: int | None = None,
+                 fps_hint: int = 5) -> list[np.ndarray]:
     """rows: label -> (T, V, 3, h, w) frames. Returns T images: one row per label, one column
-    per view, with the labels and the frame index drawn on."""
+    per view, with the labels and the frame index drawn on; ``scale`` defaults to 2 for small
+    frames (the 64 x 64 renders), 1 from 128 pixels up (DROID's 192 x 320)."""
     arrays = {k: to_uint8(v) for k, v in rows.items()}
     T, V, h, w, _ = next(iter(arrays.values())).shape
+    scale = scale or (2 if h < 128 else 1)
     label_w, top, pad = 64, 14, 2
     W = label_w + V * (w * scale + pad)
     H = top + len(arrays) * (h * scale + pad)
@@ -53,7 +56,7 @@ def write_gif(path: str | Path, images: list[np.ndarray], fps: int = 5) -> Path:
     return path
 
 
-def frames_picture(rows: dict[str, object], frames: list[int], scale: int = 2,
+def frames_picture(rows: dict[str, object], frames: list[int], scale: int | None = None,
                    fps_hint: int = 5) -> np.ndarray:
     """One still image: the ``side_by_side`` panels of the given frame indices, left to right
     (e.g. first, middle and last frame of a rollout: truth | models x views at 0 s, 7 s, 14 s).

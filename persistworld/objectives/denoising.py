@@ -32,7 +32,7 @@ def noised_history(buffer: HistoryBuffer, history_sigma: float,
         return buffer
     level = history_sigma if history_level is None else \
         history_sigma * _expand(history_level, history_eps)
-    return HistoryBuffer(buffer.latents + level * history_eps, buffer.actions)
+    return buffer.replace(latents=buffer.latents + level * history_eps)
 
 
 def denoising_loss(model: WorldModel, x0: torch.Tensor, buffer: HistoryBuffer,

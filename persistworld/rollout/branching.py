@@ -35,7 +35,7 @@ class Branches:
         if all(x.dtype == torch.float32 for x in self.latents):
             return self
         return Branches([x.float() for x in self.latents],
-                        [HistoryBuffer(b.latents.float(), b.actions.float()) for b in self.buffers],
+                        [b.float() for b in self.buffers],
                         [a.float() for a in self.actions], self.group_size)
 
     def clip(self) -> torch.Tensor:
@@ -53,13 +53,14 @@ def rollout_prefix(model: WorldModel, start: HistoryBuffer, actions: torch.Tenso
     lat, act = start.latents.clone(), start.actions.clone()
     for c in range(int(prefix_chunks.max().item()) if len(prefix_chunks) else 0):
         active = (prefix_chunks > c).nonzero().flatten()
-        buf = HistoryBuffer(lat[active], act[active])
+        buf = HistoryBuffer(lat[active], act[active],
+                            None if start.context is None else start.context[active])
         a = actions[active, c * L:(c + 1) * L]
         noise = chunk_noise(model, [seeds[i] for i in active.tolist()], c).to(lat.device)
         x = model.sample_chunk(buf, a, noise=noise, num_steps=num_steps)
         new = buf.push(x, a)
         lat[active], act[active] = new.latents, new.actions
-    return HistoryBuffer(lat, act)
+    return start.replace(lat, act)
 
 
 @torch.no_grad()

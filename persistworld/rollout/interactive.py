@@ -64,7 +64,9 @@ class Session:
         self.pose = self.episode.poses[start].astype(np.float64)
         with torch.no_grad():
             latent = model.encode(first[None])[:, 0]
-        self.buffer = model.start_buffer(latent, self._norm(self.pose[None]))
+        from persistworld.data.dataset import episode_text
+        self.text = episode_text(self.episode)
+        self.buffer = model.start_buffer(latent, self._norm(self.pose[None]), [self.text])
         self.frames = [first[0]]
         self.poses: list[list[float]] = [self.pose.tolist()]
         self.chunks = 0

@@ -169,7 +169,7 @@ def validate_one_chunk(model: WorldModel, batch: dict, seed: int, sample_clips: 
     losses, mses = [], []
     for s in range(0, N, micro):
         sl = slice(s, s + micro)
-        out = denoising_loss(model, x0[sl], HistoryBuffer(buffer.latents[sl], buffer.actions[sl]),
+        out = denoising_loss(model, x0[sl], buffer.select(sl),
                              acts[sl], sigma[sl], eps[sl])
         losses.append(out["loss"])
         mses.append(out["mse"])
@@ -178,7 +178,7 @@ def validate_one_chunk(model: WorldModel, batch: dict, seed: int, sample_clips: 
                 for k, v in model.auxiliary_losses(*_frames_and_masks(batch, device)).items()})
     if sample_clips > 0:
         n = sample_clips
-        sub = HistoryBuffer(buffer.latents[:n], buffer.actions[:n])
+        sub = buffer.select(slice(0, n))
         noise = torch.randn((n, *x0.shape[1:]), generator=g).to(device)
         pred = model.decode(model.sample_chunk(sub, acts[:n], noise=noise,
                                                num_steps=sampler_steps)).clamp(0, 1).cpu()

@@ -207,8 +207,10 @@ class PolicyDenoiser(torch.nn.Module):
         self.model = model
 
     def forward(self, x_sigma: torch.Tensor, sigma: torch.Tensor, history: torch.Tensor,
-                history_actions: torch.Tensor, future_actions: torch.Tensor) -> torch.Tensor:
-        return self.model.denoise(x_sigma, sigma, HistoryBuffer(history, history_actions),
+                history_actions: torch.Tensor, future_actions: torch.Tensor,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.denoise(x_sigma, sigma,
+                                  HistoryBuffer(history, history_actions, context),
                                   future_actions)
 
 
@@ -316,6 +318,7 @@ class PostTrainer:
         mine = slice(self.first_prefix, self.first_prefix + self.local_prefixes)
         items = [self.data[i] for i in idx[mine]]
         batch = {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k])
+                 else [it[k] for it in items] if isinstance(items[0][k], str)
                  else torch.tensor([it[k] for it in items]) for k in items[0]}
         return batch, P[mine], seeds[mine]
 
@@ -337,7 +340,8 @@ class PostTrainer:
         L, F = self.setup.future, self.setup.branch_chunks
         steps = self.cfg.rollout.sampler_steps
         start = sampler.encode(batch["start_frame"].unsqueeze(1).to(self.device))[:, 0]
-        buffer = sampler.start_buffer(start, batch["start_action"].to(self.device))
+        buffer = sampler.start_buffer(start, batch["start_action"].to(self.device),
+                                      batch.get("text"))
         acts = batch["actions"].to(self.device)                          # (B, (Pmax+F)*L, A)
         t = time.perf_counter()
         with self.autocast():
@@ -411,7 +415,7 @@ class PostTrainer:
                 passes += 1
                 sel = flat[lo - first:hi - first]
                 x0 = cands.latents[c][sel]                                 # (m, L, C, Hs, Ws)
-                buf = HistoryBuffer(cands.buffers[c].latents[sel], cands.buffers[c].actions[sel])
+                buf = cands.buffers[c].select(sel)
                 acts = cands.actions[c][sel]
                 sigma = sigma_all[lo:hi].to(self.device)
                 eps = eps_all[lo:hi].to(self.device)
@@ -421,7 +425,8 @@ class PostTrainer:
                     with self.autocast():                # network calls only; losses fp32
                         with self.roles.use("policy"):
                             x0_theta = self.policy_denoiser(x_sigma, sigma, buf.latents,
-                                                            buf.actions, acts).float()
+                                                            buf.actions, acts,
+                                                            buf.context).float()
                         with torch.no_grad():
                             with self.roles.use("old") as old:
                                 x0_old = old.denoise(x_sigma, sigma, buf, acts).float()

@@ -43,11 +43,16 @@ exactly SVD's v-prediction ``EulerDiscreteScheduler`` (tested against it:
 scales it. History slots enter unscaled (as Ctrl-World's pipeline feeds them). Per-frame
 classifier-free guidance (zeroed tokens; scale linspace(1, 2) over slots 6-10) is an option,
 off by default because RL post-training samples without it (the paper).
+
+Text (``text_cond``, the released model's setting): CLIP ViT-B/32's projected text embedding
+(512) tiled to 1024 is added to every pose token; it is computed once per rollout
+(``encode_text``) and travels in ``HistoryBuffer.context``.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -62,10 +67,11 @@ from persistworld.world_model.interface import HistoryBuffer, WorldModel
 HISTORY_POLICIES = ("sparse", "contiguous")
 CURRENT_SLOTS = ("generate", "replace")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# prefixes of the released checkpoint that the backend does not build (SVD's CLIP image
-# encoder, loaded but unused by Ctrl-World; the CLIP text encoder: text conditioning is not
-# wired yet): the one explicit key map of ``load_released_checkpoint``
-UNUSED_PREFIXES = ("image_encoder.", "text_encoder.")
+# prefixes of the released checkpoint that the backend does not build: SVD's CLIP image
+# encoder (loaded but unused by Ctrl-World), and the CLIP text encoder unless text_cond: the one
+# explicit key map of ``load_released_checkpoint``
+IMAGE_ENCODER, TEXT_ENCODER = "image_encoder.", "text_encoder."
+CLIP_URL = "https://huggingface.co/openai/clip-vit-base-patch32"
 CHECKPOINT_URL = "https://huggingface.co/yjguo/Ctrl-World (file checkpoint-10000.pt)"
 SVD_URL = "https://huggingface.co/stabilityai/stable-video-diffusion-img2vid"
 
@@ -112,6 +118,8 @@ class CtrlWorldConfig:
     decode_chunk: int
     # action encoder 7 -> d -> d -> d (d = cross_attention_dim)
     action_hidden: int
+    text_cond: bool
+    clip_path: str | None
     # SVD's added_time_ids = (fps, motion bucket, noise augmentation)
     fps: int
     motion_bucket_id: int
@@ -182,6 +190,10 @@ class CtrlWorldConfig:
         if hs % unet_down or ws % unet_down:
             bad("image_width", f"the {hs}x{ws} latent grid must be divisible by the UNet's "
                                f"downsampling {unet_down}")
+        if self.text_cond and not self.clip_path:
+            bad("clip_path", f"text_cond=true needs the CLIP text model's config and tokenizer "
+                             f"(a local copy of {CLIP_URL}); its weights come from the "
+                             f"checkpoint")
         if self.decode_chunk < 1:
             bad("decode_chunk", "must be >= 1")
         edm.karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)
@@ -304,6 +316,8 @@ class CtrlWorldModel(WorldModel):
         self.vae = build_vae(cfg)
         self.vae.requires_grad_(False)          # frozen, as in Ctrl-World
         self.action_encoder = ActionEncoder(cfg.action_dim, cfg.action_hidden)
+        self.text_encoder, self.tokenizer = build_text_encoder(cfg) if cfg.text_cond else (None,
+                                                                                         None)
         self._current_eps: dict = {}
         if cfg.checkpoint:
             load_released_checkpoint(self, cfg.checkpoint)
@@ -416,9 +430,31 @@ class CtrlWorldModel(WorldModel):
         return out[:, self.history:].to(window_in.dtype)
 
     def tokens(self, hist_actions: torch.Tensor, current_action: torch.Tensor,
-               future_actions: torch.Tensor) -> torch.Tensor:
-        return self.action_encoder(torch.cat([hist_actions, current_action[:, None],
-                                              future_actions], 1))
+               future_actions: torch.Tensor, context: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """(B, H + 1 + L, d): one pose token per window slot, plus the text embedding on
+        every token when the model is text-conditioned (as Ctrl-World adds it)."""
+        tok = self.action_encoder(torch.cat([hist_actions, current_action[:, None],
+                                             future_actions], 1))
+        if self.cfg.text_cond:
+            if context is None:
+                raise UserError("world_model.text_cond=true: this rollout has no task text "
+                                "(start it with model.start_buffer(..., texts))")
+            tok = tok + context[:, None].to(tok.dtype)
+        return tok
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor | None:
+        """(B, 1024): CLIP ViT-B/32's projected text embedding (512) twice, as Ctrl-World tiles
+        it to the token width; None without ``text_cond``."""
+        if not self.cfg.text_cond:
+            return None
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             return_tensors="pt")
+        device = next(self.text_encoder.parameters()).device
+        emb = self.text_encoder(**{k: v.to(device) for k, v in enc.items()}).text_embeds
+        reps = self.cfg.cross_attention_dim // emb.shape[-1]
+        return emb.float().repeat(1, reps)
 
     def _x0(self, window: torch.Tensor, sigma: torch.Tensor, history: torch.Tensor,
             current: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -459,7 +495,7 @@ class CtrlWorldModel(WorldModel):
         sigma = sigma.reshape(-1).expand(x_sigma.shape[0]).to(x_sigma)
         window = torch.cat([self._noised_current(cur, sigma), x_sigma], 1)
         return self._x0(window, sigma, hist, cur,
-                        self.tokens(hist_act, cur_act, future_actions))[:, 1:]
+                        self.tokens(hist_act, cur_act, future_actions, buffer.context))[:, 1:]
 
     @torch.no_grad()
     def sample_chunk(self, buffer: HistoryBuffer, future_actions: torch.Tensor,
@@ -474,7 +510,7 @@ class CtrlWorldModel(WorldModel):
         device = buffer.latents.device
         noise = noise.to(device=device, dtype=buffer.latents.dtype)
         hist, hist_act, cur, cur_act = self.gather(buffer)
-        tokens = self.tokens(hist_act, cur_act, future_actions)
+        tokens = self.tokens(hist_act, cur_act, future_actions, buffer.context)
         sigmas = self.sampler_sigmas(num_steps).to(device)
         if self.cfg.current_slot == "replace":     # slot 0 is overwritten before every call
             noise = torch.cat([torch.zeros_like(noise[:, :1]), noise], 1)
@@ -489,11 +525,31 @@ class CtrlWorldModel(WorldModel):
         return edm.euler_sample(denoise_fn, noise * scale, sigmas)[:, 1:]
 
 
+def build_text_encoder(cfg: CtrlWorldConfig):
+    """CLIP's text model with projection, from the config in ``clip_path`` (random weights:
+    the released checkpoint carries them as ``text_encoder.*``), and its tokenizer."""
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
+    root = Path(cfg.clip_path)
+    if not (root / "config.json").is_file():
+        raise MissingFile(f"world_model.clip_path={root}: no config.json; download {CLIP_URL} "
+                          f"(`huggingface-cli download openai/clip-vit-base-patch32 "
+                          f"--local-dir DIR`)")
+    config = CLIPTextConfig.from_pretrained(root)
+    if config.projection_dim * (cfg.cross_attention_dim // config.projection_dim) \
+            != cfg.cross_attention_dim:
+        raise UserError(f"world_model.clip_path={root}: projection_dim {config.projection_dim} "
+                        f"does not tile the token width {cfg.cross_attention_dim}")
+    model = CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(root, use_fast=False)
+
+
 # ---- weights -------------------------------------------------------------------------------
 def load_released_checkpoint(model: CtrlWorldModel, path: str | Path) -> None:
     """Load Ctrl-World's ``checkpoint-10000.pt`` (a plain state dict of the ``CrtlWorld``
     module) strictly: every ``unet.*``, ``vae.*`` and ``action_encoder.*`` tensor we build must be
-    there with its shape, and nothing else may be, except the ``UNUSED_PREFIXES``."""
+    there with its shape (``text_encoder.*`` too when ``text_cond``), and nothing else may be,
+    except the modules we do not build (``image_encoder.*``, ``text_encoder.*`` without
+    ``text_cond``)."""
     path = Path(path)
     if not path.is_file():
         raise MissingFile(f"world_model.checkpoint={path}: no such file; download "
@@ -505,7 +561,13 @@ def load_released_checkpoint(model: CtrlWorldModel, path: str | Path) -> None:
                         f"({e}); download it again from {CHECKPOINT_URL}") from e
     if not isinstance(sd, Mapping):
         raise UserError(f"world_model.checkpoint={path} is not a state dict")
-    ours = {k: v for k, v in sd.items() if not k.startswith(UNUSED_PREFIXES)}
+    skip = (IMAGE_ENCODER,) + (() if model.cfg.text_cond else (TEXT_ENCODER,))
+    if not model.cfg.text_cond and any(k.startswith(TEXT_ENCODER) for k in sd):
+        warnings.warn(f"{path} holds a text encoder (the released model was trained with task "
+                      f"texts on its tokens); without world_model.text_cond=true "
+                      f"world_model.clip_path=DIR it is conditioned on poses alone",
+                      stacklevel=2)
+    ours = {k: v for k, v in sd.items() if not k.startswith(skip)}
     own = model.state_dict()
     missing = sorted(set(own) - set(ours))
     unexpected = sorted(set(ours) - set(own))

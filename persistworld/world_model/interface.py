@@ -26,19 +26,23 @@ VIEWS = ("ext1", "ext2", "wrist")
 class HistoryBuffer:
     """The last H frame latents and their actions that condition the next chunk.
 
-    latents: (B, H, C, Hs, Ws); actions: (B, H, A). Immutable-by-convention: ``push`` returns a
-    new buffer, so branching candidates each own a private copy without extra bookkeeping.
+    latents: (B, H, C, Hs, Ws); actions: (B, H, A); context: (B, D) or None, per-rollout
+    conditioning that is not a frame (the task text's embedding, ``WorldModel.encode_text``),
+    carried unchanged. Immutable-by-convention: ``push`` returns a new buffer, so branching
+    candidates each own a private copy without extra bookkeeping.
     """
 
     latents: torch.Tensor
     actions: torch.Tensor
+    context: torch.Tensor | None = None
 
     @classmethod
-    def backfill(cls, latent: torch.Tensor, action: torch.Tensor, history: int) -> "HistoryBuffer":
+    def backfill(cls, latent: torch.Tensor, action: torch.Tensor, history: int,
+                 context: torch.Tensor | None = None) -> "HistoryBuffer":
         """Start a rollout from ONE observed state: repeat its latent (B, C, Hs, Ws) and action
         (B, A) ``history`` times (METHOD.md §1)."""
         return cls(latent.unsqueeze(1).repeat(1, history, 1, 1, 1).contiguous(),
-                   action.unsqueeze(1).repeat(1, history, 1).contiguous())
+                   action.unsqueeze(1).repeat(1, history, 1).contiguous(), context)
 
     @property
     def history(self) -> int:
@@ -48,12 +52,30 @@ class HistoryBuffer:
         """Append L new latents (B, L, ...) and actions (B, L, A), keep the last H."""
         h = self.history
         return HistoryBuffer(torch.cat([self.latents, latents], 1)[:, -h:].contiguous(),
-                             torch.cat([self.actions, actions], 1)[:, -h:].contiguous())
+                             torch.cat([self.actions, actions], 1)[:, -h:].contiguous(),
+                             self.context)
+
+    def replace(self, latents: torch.Tensor | None = None,
+                actions: torch.Tensor | None = None) -> "HistoryBuffer":
+        """The same buffer with other latents and / or actions (same samples)."""
+        return HistoryBuffer(self.latents if latents is None else latents,
+                             self.actions if actions is None else actions, self.context)
+
+    def select(self, index) -> "HistoryBuffer":
+        """The samples ``index`` (a slice, a tensor of indices or a mask) of the batch."""
+        return HistoryBuffer(self.latents[index], self.actions[index],
+                             None if self.context is None else self.context[index])
+
+    def float(self) -> "HistoryBuffer":
+        return HistoryBuffer(self.latents.float(), self.actions.float(),
+                             None if self.context is None else self.context.float())
 
     def repeat_interleave(self, k: int) -> "HistoryBuffer":
         """(B, ...) -> (B*k, ...): K private copies per prefix for branching."""
         return HistoryBuffer(self.latents.repeat_interleave(k, 0),
-                             self.actions.repeat_interleave(k, 0))
+                             self.actions.repeat_interleave(k, 0),
+                             None if self.context is None else
+                             self.context.repeat_interleave(k, 0))
 
 
 class WorldModel(abc.ABC, torch.nn.Module):
@@ -75,10 +97,20 @@ class WorldModel(abc.ABC, torch.nn.Module):
         also generates the current frame again)."""
         return self.future
 
-    def start_buffer(self, latent: torch.Tensor, action: torch.Tensor) -> HistoryBuffer:
+    def start_buffer(self, latent: torch.Tensor, action: torch.Tensor,
+                     texts: list[str] | None = None) -> HistoryBuffer:
         """The buffer of a rollout that starts from ONE observed frame latent (B, C, Hs, Ws)
-        and its pose (B, A): ``memory`` copies of it (METHOD.md §1)."""
-        return HistoryBuffer.backfill(latent, action, self.memory)
+        and its pose (B, A): ``memory`` copies of it (METHOD.md §1), with the task texts'
+        embedding as its context when the backend is text-conditioned."""
+        context = self.encode_text(texts) if texts is not None else None
+        if context is not None:
+            context = context.to(latent.device)
+        return HistoryBuffer.backfill(latent, action, self.memory, context)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor | None:
+        """(B, D) embedding of the B task instructions, or None: the backend ignores text
+        (the default)."""
+        return None
 
     @abc.abstractmethod
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
