@@ -25,7 +25,8 @@ BACKENDS = {"embedded": (EmbeddedConfig, EmbeddedWorldModel),
             "ctrl_world": (CtrlWorldConfig, CtrlWorldModel)}
 
 __all__ = ["VIEWS", "HistoryBuffer", "WorldModel", "EmbeddedConfig", "EmbeddedWorldModel",
-           "ActionEncoder", "CtrlWorldConfig", "CtrlWorldModel", "edm", "build_world_model", "save_world_model", "load_world_model",
+           "ActionEncoder", "CtrlWorldConfig", "CtrlWorldModel", "edm", "build_world_model",
+           "save_world_model", "load_world_model",
            "world_model_config", "MODEL_FILE"]
 
 

@@ -132,9 +132,9 @@ class WorldModel(abc.ABC, torch.nn.Module):
                      num_steps: int | None = None,
                      noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample L future latents (B, L, C, Hs, Ws) with the Euler sampler (no grad). The
-        randomness comes only from ``noise`` (standard normal, (B, noise_frames, C, Hs, Ws); the sampler
-        scales it by the first sigma) or else ``generator``, so a chunk is reproducible from
-        its seed."""
+        randomness comes only from ``noise`` (standard normal, (B, noise_frames, C, Hs, Ws); the
+        sampler scales it by the first sigma) or else ``generator``, so a chunk is reproducible
+        from its seed."""
 
     @abc.abstractmethod
     def latent_shape(self) -> tuple[int, int, int]:
