@@ -214,9 +214,7 @@ def render_episode(cfg: Any, episode_id: int) -> dict[str, np.ndarray]:
     rc = validate_config(cfg)
     seed = episode_seed(rc["seed"], episode_id)
     for attempt in range(MAX_ATTEMPTS):
-        rng = np.random.default_rng(seed if attempt == 0 else
-                                    np.random.SeedSequence(entropy=seed, spawn_key=(attempt,)))
-        arrays, meta = _simulate(rc, rng)
+        arrays, meta = _simulate(rc, episode_rng(seed, attempt))
         if meta["valid"] or attempt == MAX_ATTEMPTS - 1:
             break
     meta = {"episode_id": int(episode_id), "seed": seed, "attempt": attempt, **meta,
@@ -226,16 +224,18 @@ def render_episode(cfg: Any, episode_id: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _simulate(rc: Mapping[str, Any], rng: np.random.Generator) -> tuple[dict, dict]:
-    from persistworld.data.sim.scene import (CLASSES, REST_POSE, VIEWS, Scene, quat_to_relrot,
-                                             relrot_to_quat, sample_scene_spec)
+def start_episode(rc: Mapping[str, Any], rng: np.random.Generator) -> dict:
+    """The start state of one episode, drawn from ``rng`` (the one definition shared by the
+    renderer and closed-loop policy evaluation, ``persistworld.policy_eval.simulator``):
+    ``num_steps``, ``task``, ``spec``, the settled ``scene`` and the scripted ``policy``."""
+    from persistworld.data.sim.scene import (REST_POSE, Scene, quat_to_relrot,
+                                             sample_scene_spec)
     from persistworld.data.sim.tasks import ScriptedPolicy
 
     num_steps = int(rng.integers(rc["min_steps"], rc["max_steps"] + 1))
     task = rc["tasks"][int(rng.integers(len(rc["tasks"])))]
     spec = sample_scene_spec(rng, rc["camera_jitter"])
     scene = Scene(spec, (rc["image_height"], rc["image_width"]), physics_hz=rc["physics_hz"])
-    substeps = rc["physics_hz"] // rc["fps"]
 
     arm0 = np.asarray(REST_POSE[:7]) + rng.normal(0.0, 0.04, size=7)
     scene.reset_joints(arm0, 1.0)
@@ -244,6 +244,23 @@ def _simulate(rc: Mapping[str, Any], rng: np.random.Generator) -> tuple[dict, di
     scene.step(max(1, rc["physics_hz"] // 4))          # let the object and the arm settle
     pos0, quat0, _ = scene.eef_state()
     policy = ScriptedPolicy(task, spec, rng, rc["fps"], pos0, quat_to_relrot(quat0))
+    return {"num_steps": num_steps, "task": task, "spec": spec, "scene": scene,
+            "policy": policy}
+
+
+def episode_rng(seed: int, attempt: int) -> np.random.Generator:
+    """The generator of redraw ``attempt`` of the episode with seed ``seed``."""
+    return np.random.default_rng(seed if attempt == 0 else
+                                 np.random.SeedSequence(entropy=seed, spawn_key=(attempt,)))
+
+
+def _simulate(rc: Mapping[str, Any], rng: np.random.Generator) -> tuple[dict, dict]:
+    from persistworld.data.sim.scene import CLASSES, VIEWS, quat_to_relrot, relrot_to_quat
+
+    start = start_episode(rc, rng)
+    num_steps, task, spec = start["num_steps"], start["task"], start["spec"]
+    scene, policy = start["scene"], start["policy"]
+    substeps = rc["physics_hz"] // rc["fps"]
 
     h, w, v = rc["image_height"], rc["image_width"], len(VIEWS)
     rgb = np.empty((num_steps, v, h, w, 3), dtype=np.uint8)

@@ -44,54 +44,93 @@ KEYS = {"w": (0, +1), "s": (0, -1), "a": (1, +1), "d": (1, -1), "r": (2, +1), "f
 GRIPPER = 6
 
 
-class Session:
-    """One world-model rollout driven chunk by chunk from recorded start frame ``start`` of
-    ``episode``. ``step(poses)`` generates the next chunk; ``frames`` holds everything so far."""
+class BatchSession:
+    """World-model rollouts of B recorded start frames at once, driven chunk by chunk:
+    ``step(poses)`` with (B, L, 7) poses generates every rollout's next chunk in one batch (what
+    policy evaluation uses; ``Session`` is the one-rollout view of it)."""
 
-    def __init__(self, model, data_root: str | Path, episode: int, start: int = 0,
-                 seed: int = 0, num_steps: int | None = None):
-        from persistworld.data.dataset import EpisodeStore, _to_float_frames
-        self.model, self.seed, self.num_steps = model, seed, num_steps
+    def __init__(self, model, data_root: str | Path, episodes: list[int], start: int = 0,
+                 seeds: list[int] | None = None, num_steps: int | None = None):
+        from persistworld.data.dataset import EpisodeStore, _to_float_frames, episode_text
+        self.model, self.num_steps = model, num_steps
+        self.seeds = list(seeds) if seeds is not None else [0] * len(episodes)
         self.store = EpisodeStore(data_root)
-        if episode not in self.store.episode_ids():
-            raise UserError(f"--episode {episode} is not in {data_root}")
-        self.episode = self.store.load(episode)
-        if not 0 <= start < self.episode.num_steps:
-            raise UserError(f"--start {start}: episode {episode} has "
-                            f"{self.episode.num_steps} frames")
+        known = set(self.store.episode_ids())
+        for e in episodes:
+            if e not in known:
+                raise UserError(f"--episode {e} is not in {data_root}")
+        self.episodes = [self.store.load(e) for e in episodes]
+        for ep in self.episodes:
+            if not 0 <= start < ep.num_steps:
+                raise UserError(f"--start {start}: episode {ep.id} has {ep.num_steps} frames")
         self.start = start
-        first = _to_float_frames(self.episode.rgb[start:start + 1])        # (1, V, 3, h, w)
-        self.pose = self.episode.poses[start].astype(np.float64)
+        first = torch.stack([_to_float_frames(ep.rgb[start:start + 1])[0]
+                             for ep in self.episodes])                     # (B, V, 3, h, w)
+        self.pose = np.stack([ep.poses[start] for ep in self.episodes]).astype(np.float64)
         with torch.no_grad():
-            latent = model.encode(first[None])[:, 0]
-        from persistworld.data.dataset import episode_text
-        self.text = episode_text(self.episode)
-        self.buffer = model.start_buffer(latent, self._norm(self.pose[None]), [self.text])
-        self.frames = [first[0]]
-        self.poses: list[list[float]] = [self.pose.tolist()]
+            latent = model.encode(first[:, None])[:, 0]
+        self.texts = [episode_text(ep) for ep in self.episodes]
+        self.buffer = model.start_buffer(latent, self._norm(self.pose), self.texts)
+        self.frames = [first]                      # per frame: (B, V, 3, h, w) in [0, 1]
         self.chunks = 0
 
     def _norm(self, poses: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.store.normalize(poses.astype(np.float32)))
 
     def step(self, poses: np.ndarray) -> torch.Tensor:
-        """Generate the chunk for ``poses`` (L, 7) (dataset units); returns its frames
-        (L, V, 3, h, w) in [0, 1]."""
+        """Generate the chunk for ``poses`` (B, L, 7) (dataset units); returns its frames
+        (B, L, V, 3, h, w) in [0, 1]."""
         from persistworld.rollout.autoregressive import chunk_noise
         poses = np.asarray(poses, np.float64)
-        L = self.model.future
-        if poses.shape != (L, 7):
-            raise UserError(f"the controller returned poses of shape {poses.shape}; the model "
-                            f"needs ({L}, 7) per chunk")
+        B, L = len(self.episodes), self.model.future
+        if poses.shape != (B, L, 7):
+            raise UserError(f"the controller returned poses of shape {poses.shape[1:]}; the "
+                            f"model needs ({L}, 7) per chunk")
         if not np.isfinite(poses).all():
             raise UserError("the controller returned NaN/inf poses")
-        acts = self._norm(poses)[None]
-        noise = chunk_noise(self.model, [self.seed], self.chunks)
+        acts = self._norm(poses)
+        noise = chunk_noise(self.model, self.seeds, self.chunks)
         with torch.no_grad():
             x = self.model.sample_chunk(self.buffer, acts, noise=noise,
                                         num_steps=self.num_steps)
-            frames = self.model.decode(x)[0].clamp(0, 1)
+            frames = self.model.decode(x).clamp(0, 1)
         self.buffer = self.buffer.push(x, acts)
+        self.frames.extend(frames.unbind(1))
+        self.pose = poses[:, -1]
+        self.chunks += 1
+        return frames
+
+    def latest_views(self) -> np.ndarray:
+        """(B, V, h, w, 3) uint8: the newest generated frame of every rollout."""
+        from persistworld.evaluation.videos import to_uint8
+        return to_uint8(self.frames[-1])
+
+    def video(self, b: int) -> np.ndarray:
+        """(T, V, h, w, 3) uint8: every frame of rollout ``b`` so far."""
+        from persistworld.evaluation.videos import to_uint8
+        return to_uint8(torch.stack([f[b] for f in self.frames]))
+
+
+class Session:
+    """One world-model rollout driven chunk by chunk from recorded start frame ``start`` of
+    ``episode``. ``step(poses)`` generates the next chunk; ``frames`` holds everything so far."""
+
+    def __init__(self, model, data_root: str | Path, episode: int, start: int = 0,
+                 seed: int = 0, num_steps: int | None = None):
+        self.batch = BatchSession(model, data_root, [episode], start, [seed], num_steps)
+        self.model, self.seed, self.num_steps = model, seed, num_steps
+        self.store, self.episode, self.start = self.batch.store, self.batch.episodes[0], start
+        self.text = self.batch.texts[0]
+        self.pose = self.batch.pose[0]
+        self.frames = [self.batch.frames[0][0]]
+        self.poses: list[list[float]] = [self.pose.tolist()]
+        self.chunks = 0
+
+    def step(self, poses: np.ndarray) -> torch.Tensor:
+        """Generate the chunk for ``poses`` (L, 7) (dataset units); returns its frames
+        (L, V, 3, h, w) in [0, 1]."""
+        poses = np.asarray(poses, np.float64)
+        frames = self.batch.step(poses[None])[0]
         self.frames.extend(frames)
         self.poses.extend(poses.tolist())
         self.pose = poses[-1]

@@ -542,6 +542,12 @@ class Scene:
         lin, _ = p.getBaseVelocity(self.object, physicsClientId=self.cid)
         return float(np.linalg.norm(lin))
 
+    def contacts(self) -> tuple[int, bool]:
+        """(fingers touching the object (0-2), whether any robot link touches it)."""
+        pts = p.getContactPoints(self.robot, self.object, physicsClientId=self.cid)
+        links = {pt[3] for pt in pts}
+        return sum(j in links for j in FINGER_JOINTS), bool(pts)
+
     def command(self, pos: Sequence[float], quat: Sequence[float], opening: float) -> None:
         """Set the position-control targets for a Cartesian grasp-point pose (via IK)."""
         cur = [p.getJointState(self.robot, j, physicsClientId=self.cid)[0] for j in ARM_JOINTS]
