@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from persistworld.errors import UserError
 from persistworld.policy_eval.policies import make_policy

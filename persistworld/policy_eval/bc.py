@@ -122,11 +122,10 @@ def train_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--horizon", type=int, default=5, help="targets per call (the chunk L)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    from tqdm import tqdm
-
     from persistworld.data.dataset import EpisodeStore
-    from persistworld.utils.io import atomic_path
     from persistworld.data.sim.scene import WORKSPACE_X, WORKSPACE_Y
+    from persistworld.policy_eval.judge import fit
+    from persistworld.utils.io import atomic_path
     if a.steps < 1 or a.batch < 1 or a.horizon < 1:
         raise UserError("--steps, --batch and --horizon must be >= 1")
     store = EpisodeStore(a.data)
@@ -149,28 +148,19 @@ def train_main(argv: list[str] | None = None) -> int:
     y_n = torch.from_numpy(pol._norm(targets)) - p_n[:, None]
     g_n = torch.from_numpy(((goals - goal_lo) / (goal_hi - goal_lo) * 2 - 1).astype(np.float32))
     t_1h = nn.functional.one_hot(torch.from_numpy(tasks), len(STAGES)).float()
-    g = torch.Generator().manual_seed(a.seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=a.steps)
-    bar = tqdm(range(a.steps), desc="train policy")
-    for step in bar:
-        idx = torch.randint(0, len(views), (a.batch,), generator=g)
+
+    def loss_fn(idx, g):
         x = torch.from_numpy(views[idx.numpy()]).float().div(255)
-        x = x.permute(0, 1, 4, 2, 3).reshape(a.batch, -1, *x.shape[2:4])
-        loss = nn.functional.mse_loss(net(x, p_n[idx], g_n[idx], t_1h[idx]), y_n[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.5f}")
+        x = x.permute(0, 1, 4, 2, 3).reshape(len(idx), -1, *x.shape[2:4])
+        return nn.functional.mse_loss(net(x, p_n[idx], g_n[idx], t_1h[idx]), y_n[idx])
+    loss = fit(net, loss_fn, len(views), a.steps, a.batch, 1e-3, a.seed, "train policy")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         torch.save({"config": net.config, "state_dict": net.state_dict(), "lo": lo.tolist(),
                     "hi": hi.tolist(), "goal_lo": goal_lo.tolist(), "goal_hi": goal_hi.tolist(),
                     "trained_on": {"data": str(a.data), "episodes": len(ids), "steps": a.steps,
-                                   "batch": a.batch, "seed": a.seed, "final_loss": loss.item(),
+                                   "batch": a.batch, "seed": a.seed, "final_loss": loss,
                                    "seconds": time.time() - t0}}, tmp)
-    print(f"policy written to {out} ({time.time() - t0:.0f} s, final loss {loss.item():.5f})")
+    print(f"policy written to {out} ({time.time() - t0:.0f} s, final loss {loss:.5f})")
     return 0

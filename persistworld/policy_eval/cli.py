@@ -14,9 +14,9 @@ Every policy runs from the same start states (the first frames of ``--starts`` e
 
 The judge (``--judge``: a file written by ``persistworld train-judge``, by default the repo's
 ``models/stage_judge.pt``, or any ``module:function``) is
-``judge(frames, start) -> (T, S) bool stage flags`` (frames (T, V, h, w, 3)
-uint8, VIEWS order; ``start`` gives the task, its goal and the object; ``judge.py``); the in-order progress is computed
-from its flags exactly as from the simulator's. Without a judge the world-model rollouts
+``judge(frames, start) -> (T, S) bool stage flags`` (frames (T, V, h, w, 3) uint8, VIEWS
+order; ``start`` gives the task, its goal and the object; ``judge.py``); the in-order
+progress is computed from its flags exactly as from the simulator's. Without a judge the world-model rollouts
 and videos are still written, and the ranking statistics are left out.
 
 Outputs in ``--out``: ``rollouts/<env>/<policy>/ep<id>.json`` (one per rollout, written

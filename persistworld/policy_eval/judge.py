@@ -89,6 +89,27 @@ def load_net(path: Path, cls: type[nn.Module], what: str, command: str):
     return net.eval(), ckpt
 
 
+def fit(net: nn.Module, loss_fn, n: int, steps: int, batch: int, lr: float, seed: int,
+        desc: str) -> float:
+    """The small networks' training loop: AdamW with a one-cycle schedule; ``loss_fn(idx, g)``
+    gets ``batch`` sample indices of ``n`` (and the generator, for augmentation). Returns the
+    last loss."""
+    from tqdm import tqdm
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    bar = tqdm(range(steps), desc=desc)
+    for step in bar:
+        loss = loss_fn(torch.randint(0, n, (batch,), generator=g), g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return float(loss.item())
+
+
 class LearnedJudge:
     """A trained ``StateJudge`` file behind the judge contract."""
 
@@ -207,8 +228,6 @@ def train_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    from tqdm import tqdm
-
     from persistworld.data.dataset import EpisodeStore
     from persistworld.policy_eval.cli import render_config
     from persistworld.policy_eval.policies import JUDGE_POLICIES
@@ -228,22 +247,13 @@ def train_main(argv: list[str] | None = None) -> int:
     frames = np.concatenate([f for f, _ in train])
     y = torch.cat([state_targets(s) for _, s in train])
     torch.manual_seed(a.seed)
-    g = torch.Generator().manual_seed(a.seed)
     net = StateJudge()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=a.steps)
-    bar = tqdm(range(a.steps), desc="train judge")
-    for step in bar:
-        idx = torch.randint(0, len(frames), (a.batch,), generator=g)
+
+    def loss_fn(idx, g):
         out = net(_augment(frame_inputs(frames[idx.numpy()]), g))
-        loss = (nn.functional.smooth_l1_loss(out[:, :6], y[idx, :6], beta=0.05) +
+        return (nn.functional.smooth_l1_loss(out[:, :6], y[idx, :6], beta=0.05) +
                 0.1 * nn.functional.binary_cross_entropy_with_logits(out[:, 6:], y[idx, 6:]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+    fit(net, loss_fn, len(frames), a.steps, a.batch, 2e-3, a.seed, "train judge")
     ckpt = {"config": net.config, "state_dict": net.eval().state_dict(),
             "trained_on": {"data": str(a.data), "train_starts": train_ids,
                            "policies": list(JUDGE_POLICIES), "frames": a.frames,
