@@ -6,6 +6,8 @@
 #   2. from those weights: the robot-silhouette decoder (world_model.silhouettes) fitted alone
 #      for 500 steps, then 600 steps of the whole model around the composite anchor
 #      (world_model.x0_anchor=composite) at the sampler's noise levels;
+#   3. from stage 2: 2,000 steps with the output gate (world_model.output_gate), which copies
+#      the anchor where the scene does not change;
 # then export a float16 copy with the data settings and this command recorded.
 # Resumable: rerun the same command after an interruption (kill -9 included); each stage
 # continues from its newest checkpoint with bit-identical results on CPU (a completed stage
@@ -27,6 +29,11 @@ start=$(date +%s)
   world_model.p_mean=1.15 world_model.p_std=0.7 trainer.steps=1100 \
   trainer.aux_warmup_steps=500 trainer.warmup_steps=550 trainer.lr=3e-4 \
   trainer.aux_lr_scale=10 trainer.num_threads=2 trainer.eval_every=275 "$@"
-.venv/bin/persistworld export-model "$run_dir/stage2" "$out" \
+.venv/bin/persistworld export-model "$run_dir/stage2" "$run_dir/stage2.pt"
+.venv/bin/persistworld train-base run_dir="$run_dir/stage3" trainer.init_from="$run_dir/stage2.pt" \
+  world_model.silhouettes=true world_model.x0_anchor=composite world_model.output_gate=true \
+  world_model.p_mean=1.15 world_model.p_std=0.7 trainer.steps=2000 trainer.warmup_steps=50 \
+  trainer.lr=3e-4 trainer.num_threads=2 trainer.eval_every=400 "$@"
+.venv/bin/persistworld export-model "$run_dir/stage3" "$out" \
   --command "bash scripts/train_base_model.sh${*:+ $*}"
 echo "train_base_model.sh: $out from $run_dir in $(( $(date +%s) - start )) s"

@@ -223,6 +223,22 @@ def test_init_from_may_add_silhouettes(uninterrupted, tiny_dataset, tmp_path):
     assert fresh.cfg.silhouettes and fresh.auxiliary_modules()
 
 
+
+def test_init_from_may_add_the_output_gate(uninterrupted, tiny_dataset, tmp_path):
+    """trainer.init_from a model without the gate into world_model.output_gate=true: every
+    source weight is kept and the FrameHead's gate is a new module at its initialisation."""
+    from persistworld.trainers.base import train_base
+    run = tmp_path / "gate"
+    train_base(_compose(_overrides(tiny_dataset, run, [
+        f"trainer.init_from={uninterrupted}", "trainer.steps=1", "trainer.lr=1e-12",
+        "trainer.warmup_steps=0", "world_model.output_gate=true"])))
+    src, got = _weights(uninterrupted), _weights(run)
+    assert set(got) - set(src) == {"head.gate.conv.weight", "head.gate.conv.bias"}
+    assert all(torch.allclose(src[k], got[k], atol=1e-6) for k in src)
+    from persistworld.world_model.embedded import OutputGate
+    assert abs(float(got["head.gate.conv.bias"]) * OutputGate.gain - 2.0) < 1e-6
+    assert "head.gate (new module)" in (run / "log.txt").read_text()
+
 def test_motion_weight_reweights_the_loss(uninterrupted, tiny_dataset, tmp_path):
     """trainer.motion_weight > 0 weighs the arm's and the object's cells (class masks) more:
     the same first batch, noise and weights give another loss; negative values fail first."""

@@ -555,6 +555,42 @@ def test_composite_anchor_moves_the_robot_to_each_future_pose():
                                                   torch.full((1,), m.cfg.sigma_max), buf, acts))
 
 
+
+def test_output_gate_copies_the_anchor_where_it_is_closed():
+    """world_model.output_gate: x0_hat = anchor + g * residual, g per future frame and latent
+    cell from the FrameHead. Closed (g -> 0) the denoiser returns the anchor exactly whatever
+    the noisy input; open (g -> 1) it is the ungated denoiser; the gate gets gradient; and it
+    needs a FrameHead and an anchor (checked before building)."""
+    from persistworld.errors import UserError
+    for bad in ({"frame_head": 0}, {"x0_anchor": "none"}):
+        with pytest.raises(UserError, match="output_gate"):
+            build_world_model({**TINY, "x0_anchor": "last_frame", "output_gate": True, **bad})
+    torch.manual_seed(0)
+    gated = build_world_model({**TINY, "x0_anchor": "last_frame", "output_gate": True})
+    torch.manual_seed(0)
+    plain = build_world_model({**TINY, "x0_anchor": "last_frame"})
+    assert abs(gated.head.gate.conv.bias.item() * gated.head.gate.gain - 2.0) < 1e-6
+    assert not gated.head.gate.conv.weight.any()
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    buf, acts = _inputs(gated)
+    x = torch.randn(2, gated.future, *gated.latent_shape())
+    sigma = torch.tensor([3.0, 0.5])
+    with torch.no_grad():
+        gated.head.gate.conv.bias.fill_(-1e4)                # closed
+        torch.testing.assert_close(gated.denoise(x, sigma, buf, acts),
+                                   buf.latents[:, -1:].expand_as(x), rtol=0, atol=0)
+        torch.testing.assert_close(gated.denoise(2 * x, sigma, buf, acts),
+                                   buf.latents[:, -1:].expand_as(x), rtol=0, atol=0)
+        gated.head.gate.conv.bias.fill_(1e4)                 # open: the ungated denoiser
+        torch.testing.assert_close(gated.denoise(x, sigma, buf, acts),
+                                   plain.denoise(x, sigma, buf, acts))
+        gated.head.gate.conv.bias.fill_(0.0)                 # half way
+        h = buf.latents[:, -1:]
+        torch.testing.assert_close(gated.denoise(x, sigma, buf, acts) - h,
+                                   0.5 * (plain.denoise(x, sigma, buf, acts) - h))
+    gated.denoise(x, sigma, buf, acts).square().mean().backward()
+    assert gated.head.gate.conv.weight.grad.abs().sum() > 0
+
 def test_silhouette_loss_fits_the_robot_colour():
     """The decoder's loss with pixels adds the squared error of the per-view robot colour on
     the robot's pixels only: it is smallest at their mean."""

@@ -225,22 +225,30 @@ def grow_input_channels(target: Mapping[str, torch.Tensor], source: Mapping[str,
     return out, grown
 
 
+# submodules a model may add under ``trainer.init_from`` besides whole top-level ones
+ADDABLE_SUBMODULES = ("head.gate",)      # world_model.output_gate
+
+
 def _init_weights(model: WorldModel, init: str | Path) -> list[str]:
     """``trainer.init_from``: start a new run from the weights of a model file (a run's
     model.pt or an exported one) of the same architecture; settings that only shape training
     or sampling (noise levels, history noise, sampler) may differ, and so may added inputs
     (``pose_maps``, ``silhouettes``: ``grow_input_channels``) and whole added modules (the
-    ``silhouettes`` decoder starts fresh). A resumed run ignores it: its checkpoint holds the
+    ``silhouettes`` decoder and the ``output_gate`` start fresh). A resumed run ignores it: its checkpoint holds the
     weights. Returns the names of the grown tensors and added modules."""
     from persistworld.world_model import load_world_model
     path = init_path(init)
     source = load_world_model(path)
     target = model.state_dict()
     weights, grown = grow_input_channels(target, source.state_dict())
-    # a module the source lacks entirely (``silhouettes``) keeps its fresh initialisation
-    have = {k.split(".", 1)[0] for k in weights}
-    added = sorted({k.split(".", 1)[0] for k in target if k.split(".", 1)[0] not in have})
-    weights.update({k: v for k, v in target.items() if k.split(".", 1)[0] in added})
+    # a module the source lacks entirely (``silhouettes``; the FrameHead's ``OutputGate``)
+    # keeps its fresh initialisation
+    def module(key: str) -> str:
+        sub = next((m for m in ADDABLE_SUBMODULES if key.startswith(m + ".")), None)
+        return sub or key.split(".", 1)[0]
+    have = {module(k) for k in weights}
+    added = sorted({module(k) for k in target if module(k) not in have})
+    weights.update({k: v for k, v in target.items() if module(k) in added})
     grown += [f"{m} (new module)" for m in added]
     try:
         model.load_state_dict(weights)
