@@ -234,8 +234,9 @@ def _init_weights(model: WorldModel, init: str | Path) -> list[str]:
     model.pt or an exported one) of the same architecture; settings that only shape training
     or sampling (noise levels, history noise, sampler) may differ, and so may added inputs
     (``pose_maps``, ``silhouettes``: ``grow_input_channels``) and whole added modules (the
-    ``silhouettes`` decoder and the ``output_gate`` start fresh). A resumed run ignores it: its checkpoint holds the
-    weights. Returns the names of the grown tensors and added modules."""
+    ``silhouettes`` decoder and the ``output_gate`` start fresh). A resumed run ignores it:
+    its checkpoint holds the weights. Returns the names of the grown tensors and added
+    modules."""
     from persistworld.world_model import load_world_model
     path = init_path(init)
     source = load_world_model(path)

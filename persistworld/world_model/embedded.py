@@ -347,7 +347,7 @@ class OutputGate(nn.Module):
     everywhere); the gain lets a gate that starts fresh under ``trainer.init_from`` open
     and close within a fine-tuning run."""
 
-    gain = 30.0
+    gain = 30.0           # part of what saved gate weights mean: a file does not record it
 
     def __init__(self, hidden: int, init: float = 2.0):
         super().__init__()
