@@ -722,15 +722,11 @@ class EmbeddedWorldModel(WorldModel):
         return {"maps": maps, "anchor": anchor, "frame": frame}
 
     def network(self, x_in: torch.Tensor, noise_cond: torch.Tensor, buffer: HistoryBuffer,
-                future_actions: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+                future_actions: torch.Tensor, cond: dict | None = None, with_gate: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """The raw network F: scaled noisy future (B, L, C, Hs, Ws), c_noise (B,) -> (B, L, C,
-        Hs, Ws); ``cond``: ``condition(buffer, future_actions)`` if already at hand."""
-        return self._network(x_in, noise_cond, buffer, future_actions, cond)[0]
-
-    def _network(self, x_in: torch.Tensor, noise_cond: torch.Tensor, buffer: HistoryBuffer,
-                 future_actions: torch.Tensor, cond: dict | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``network`` and the ``OutputGate`` g (B, L, 1, Hs, Ws) of the same call (or None)."""
+        Hs, Ws); ``cond``: ``condition(buffer, future_actions)`` if already at hand.
+        ``with_gate``: (F, the ``OutputGate`` g (B, L, 1, Hs, Ws) of the same call, or None)."""
         cond = self.condition(buffer, future_actions) if cond is None else cond
         B, L, C, Hs, Ws = x_in.shape
         frame = cond["frame"]
@@ -757,7 +753,7 @@ class EmbeddedWorldModel(WorldModel):
         out = out.reshape(B, L, C, Hs, Ws)
         if self.skip is not None:
             out = out + self.skip(x_in, frame, noise_cond)
-        return out, gate
+        return (out, gate) if with_gate else out
 
     def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor, buffer: HistoryBuffer,
                 future_actions: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
@@ -773,7 +769,8 @@ class EmbeddedWorldModel(WorldModel):
 
         def F(x_in: torch.Tensor, noise_cond: torch.Tensor) -> torch.Tensor:
             nonlocal gate
-            out, gate = self._network(x_in, noise_cond, buffer, future_actions, cond)
+            out, gate = self.network(x_in, noise_cond, buffer, future_actions, cond,
+                                     with_gate=True)
             return out
         residual = edm.precondition(F, x_sigma - anchor, sigma, self.cfg.sigma_data)
         return anchor + (residual if gate is None else gate * residual)
