@@ -12,6 +12,11 @@ baselines evaluated on the same rollouts:
 
     .venv/bin/python benchmarks/base_model.py --model models/mini_droid_base.pt \\
         [--data data/mini_droid] [--steps 10] [--out runs/bench_base/NAME]
+        [--sampler sigma_min=3 --sampler sigma_max=40 ...]
+
+``--sampler KEY=VALUE`` (repeatable) measures the model under other sampler settings (the keys
+``export-model --sampler`` takes): a copy with them is written to ``--out``/model.pt and
+evaluated. Choose them on ``--split val``; report on test.
 
 Writes the three evaluations (each with its trivial baselines) under ``--out`` and
 ``bars.json`` / ``bars.md`` there; prints the table. ``--steps`` is the sampler's step count
@@ -20,6 +25,7 @@ Writes the three evaluations (each with its trivial baselines) under ``--out`` a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,11 +41,16 @@ def _evaluate(model: str, data: str, out: Path, **settings) -> dict:
 
     from persistworld.evaluation.evaluate import is_current
     from persistworld.evaluation.run import evaluate_model, settings_from
+    from persistworld.utils.io import atomic_write_text
     out = out / "eval" / f"{settings['mode']}_{settings['num_chunks']}"
     s = settings_from({"num_videos": 2, **settings})
-    if not is_current(out, s, data):          # other settings or data: evaluated again
+    digest = hashlib.sha256(Path(model).read_bytes()).hexdigest()
+    stamp = out / "model.sha256"              # which model file the evaluation is of
+    if not (is_current(out, s, data) and stamp.exists() and stamp.read_text() == digest):
         data_cfg = OmegaConf.create({"root": data, "future": 5, "stride": 1})
+        stamp.unlink(missing_ok=True)         # other settings, data or model: evaluated again
         evaluate_model(model, data_cfg, s, out)
+        atomic_write_text(stamp, digest)
     return json.loads((out / "summary.json").read_text()) | {"dir": str(out)}
 
 
@@ -95,7 +106,9 @@ def bars(model: str, data: str, out: Path, steps: int, tf_samples: int, chunks: 
 
 def to_markdown(res: dict) -> str:
     cols = [f"{g} {m}" for g in GROUPS for m in METRICS]
-    lines = [f"# Base-model bars: `{res['model']}` ({res['sampler_steps']} sampler steps, "
+    over = res.get("sampler_overrides") or []
+    name = res.get("source_model", res["model"]) + (f" with {', '.join(over)}" if over else "")
+    lines = [f"# Base-model bars: `{name}` ({res['sampler_steps']} sampler steps, "
              f"{res.get('split', 'val')} split)", "",
              "| setting | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += ["| " + r["setting"] + " | " + " | ".join(f"{r[c]:.4g}" for c in cols) + " |"
@@ -119,10 +132,27 @@ def main() -> None:
     ap.add_argument("--split", default="test", help="test (report; default) or val (while "
                     "choosing a recipe)")
     ap.add_argument("--out", default=None, help="default: runs/bench_base/<model file stem>")
+    ap.add_argument("--sampler", action="append", default=[], metavar="KEY=VALUE",
+                    help="a sampler setting to measure the model under (repeatable)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out or f"runs/bench_base/{Path(a.model).stem}")
-    res = bars(a.model, a.data, out, a.steps, a.tf_samples, a.chunks, a.split)
+    model = a.model
+    if a.sampler:
+        import yaml
+
+        from persistworld.world_model import export_world_model
+        sampler = {}
+        for item in a.sampler:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"--sampler {item!r}: expected KEY=VALUE")
+            sampler[key] = yaml.safe_load(value)
+        out.mkdir(parents=True, exist_ok=True)
+        model = str(export_world_model(a.model, out / "model.pt", sampler=sampler))
+        print(f"measuring {a.model} with sampler settings {sampler} ({model})")
+    res = bars(model, a.data, out, a.steps, a.tf_samples, a.chunks, a.split)
+    res["source_model"], res["sampler_overrides"] = a.model, a.sampler
     from persistworld.utils.io import atomic_write_json, atomic_write_text
     atomic_write_json(out / "bars.json", res)
     md = to_markdown(res)

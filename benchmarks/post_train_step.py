@@ -55,17 +55,17 @@ def one_step(tr) -> dict:
     """One training step as ``PostTrainer.train`` runs it, with each stage timed."""
     from persistworld.rewards.group import best_of_n
     t0 = time.perf_counter()
-    batch, P, seeds = tr.stage_starts()                                  # S0
+    batch, P, seeds = tr.stage_starts(tr.progress)                       # S0
     t1 = time.perf_counter()
     cands, truth = tr.stage_rollouts(batch, P, seeds)                    # S1 + S2
     t2 = time.perf_counter()
     R, A, r, info = tr.stage_score(cands, truth)                         # S3
     keep = best_of_n(R, tr.cfg.rollout.best_of_n)                        # S3b
     t3 = time.perf_counter()
-    tr.stage_update(cands, keep, r)                                      # S4
+    tr.stage_update(cands, keep, r, tr.progress)                         # S4
     t4 = time.perf_counter()
-    tr.stage_ema()                                                       # S5
-    tr.step += 1
+    tr.stage_ema(tr.progress)                                            # S5
+    tr.progress = tr.progress.advanced(tr.setup.batch_prefixes)
     t5 = time.perf_counter()
     return {"starts": t1 - t0, "rollouts": t2 - t1, "score": t3 - t2, "update": t4 - t3,
             "ema": t5 - t4, "inputs": (batch, P, seeds, cands, truth, keep, r)}
@@ -80,12 +80,12 @@ def parts(a, overrides: list[str]) -> None:
         tr.cfg.trainer.steps = tr.step + a.steps
         tr.cfg.trainer.ckpt_every = 10 ** 9
         t = time.perf_counter()
-        done = tr.step
+        done = tr.progress
         _loop(tr)
-        step = (time.perf_counter() - t) / (tr.step - done)
+        step = (time.perf_counter() - t) / (tr.step - done.step)
         # each stage alone, timed on its own, for the SAME steps (same starts and prefix
         # lengths: the cost of a step depends on its P)
-        tr.step = done
+        tr.progress = done
         alone = {k: [] for k in ("starts", "rollouts", "score", "update", "ema")}
         for _ in range(a.steps):
             s = one_step(tr)

@@ -6,6 +6,10 @@ the held-out ones the bars are reported on).
 
     .venv/bin/python benchmarks/sampler_settings.py models/mini_droid_base.pt [MORE MODELS]
         [--data data/mini_droid] [--split train] [--samples 16] [--threads 2]
+        [--variant steps=10,sigma_max=10,sigma_min=2,start=anchor ...]
+
+``--variant`` (repeatable) replaces the built-in list: comma-separated ``key=value`` of steps,
+sampler (euler | heun), sigma_min, sigma_max and start (noise | anchor).
 
 Every setting uses the same per-sample noise (the evaluation's seeds), so rows differ only in
 the sampler. Prints PSNR / SSIM per camera group (pixels in [0, 1]).
@@ -32,6 +36,21 @@ VARIANTS = [dict(steps=10, sigma_max=80.0), dict(steps=20, sigma_max=80.0),
             dict(steps=10, sigma_max=3.0, sigma_min=0.5, start="anchor")]
 
 
+def parse_variant(text: str) -> dict:
+    """"steps=10,sigma_max=3,start=anchor" -> {"steps": 10, "sigma_max": 3.0, ...}."""
+    kinds = {"steps": int, "sigma_min": float, "sigma_max": float, "sampler": str, "start": str}
+    out = {}
+    for part in text.split(","):
+        key, _, val = part.partition("=")
+        if key not in kinds or not val:
+            raise SystemExit(f"--variant {text!r}: {part!r} is not key=value with key one of "
+                             f"{', '.join(kinds)}")
+        out[key] = kinds[key](val)
+    if "steps" not in out:
+        raise SystemExit(f"--variant {text!r}: steps=N is required")
+    return out
+
+
 def main() -> None:
     from persistworld.data.dataset import RolloutDataset
     from persistworld.metrics.image import ssim
@@ -45,7 +64,10 @@ def main() -> None:
     ap.add_argument("--split", default="train")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", action="append", type=parse_variant, default=None,
+                    help="a sampler setting to measure (repeatable; default: the built-in list)")
     a = ap.parse_args()
+    variants = a.variant or VARIANTS
     torch.set_num_threads(a.threads)
     b = RolloutDataset(a.data, a.split, 1, 5, 1, 1, a.samples).batch()
     truth = b["frames"]                                                   # (B, L, V, 3, h, w)
@@ -67,7 +89,7 @@ def main() -> None:
         buf = m.start_buffer(start, b["start_action"])
         seeds = [derive_seed(0, int(e), int(t)) for e, t in zip(b["episode"], b["start"])]
         noise = chunk_noise(m, seeds, 0)
-        for v in VARIANTS:
+        for v in variants:
             m.cfg.sampler = v.get("sampler", default[0])
             m.cfg.sigma_min = v.get("sigma_min", default[1])
             m.cfg.sigma_max = v.get("sigma_max", default[2])

@@ -164,3 +164,51 @@ def test_history_noise_level_is_per_sample():
     assert torch.allclose(out.latents[:, 0, 0, 0, 0], torch.tensor([0.0, 0.3, 0.6]))
     assert noised_history(buf, 0.0, eps, torch.ones(3)) is buf          # 0 = off
     assert torch.allclose(noised_history(buf, 0.3, eps).latents, 0.3 * eps)   # fixed level
+
+
+def test_every_loss_takes_the_estimate_and_the_samples():
+    """The shared signature term(x0_theta, Samples): NFT, RWR, KL and the denoising loss read
+    only what they declare in ``needs`` and give the functional forms' values."""
+    from persistworld.objectives.nft import rwr_loss
+    from persistworld.objectives.terms import NFT, RWR, Denoising, KLToBase, Samples
+    from persistworld.world_model import edm
+    g = torch.Generator().manual_seed(3)
+    theta, x0, old, base = (torch.randn(3, 2, 4, generator=g) for _ in range(4))
+    r, sigma = torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0.1, 1.0, 5.0])
+    full = Samples(x0, sigma, r=r, x0_old=old, x0_base=base)
+    torch.testing.assert_close(NFT(0.3)(theta, full)["loss"], nft_loss(theta, old, x0, r, 0.3)["loss"])
+    torch.testing.assert_close(RWR()(theta, full)["loss"], r * (theta - x0).pow(2).mean((1, 2)))
+    torch.testing.assert_close(KLToBase()(theta, full)["loss"], kl_to_base(theta, base))
+    mse = (theta - x0).pow(2).mean((1, 2))
+    torch.testing.assert_close(Denoising()(theta, full)["loss"], edm.loss_weight(sigma) * mse)
+    w = torch.zeros(3, 2, 4)
+    w[:, 0] = 1.0                                             # only the first frame counts
+    weighted = Denoising()(theta, Samples(x0, sigma, weight=w))["loss"]
+    torch.testing.assert_close(weighted, edm.loss_weight(sigma) * (theta - x0)[:, 0].pow(2).mean(1))
+    for term in (NFT(0.3), RWR(), KLToBase(), Denoising()):
+        term(theta, Samples(x0, sigma, **{k: getattr(full, k) for k in term.needs}))
+        for k in term.needs:                                  # each declared need is read
+            with pytest.raises(ValueError, match=k):
+                term(theta, Samples(x0, sigma, **{n: getattr(full, n) for n in term.needs
+                                                  if n != k}))
+    # RWR: no push at r = 0, toward the candidate at r = 1 (descent direction)
+    t = theta.clone().requires_grad_(True)
+    rwr_loss(t, x0, r)["loss"].sum().backward()
+    assert t.grad[0].abs().max() == 0
+    assert torch.dot(-t.grad[2].flatten(), (x0 - theta)[2].flatten()) > 0
+
+
+def test_post_training_term_is_chosen_and_checked():
+    from omegaconf import OmegaConf
+    from persistworld.errors import UserError
+    from persistworld.objectives.terms import NFT, RWR, post_training_term
+    o = OmegaConf.create({"name": "nft", "beta": 0.5, "inv_beta_scale": True,
+                          "adaptive_weighting": False, "adv_clip_scale": False})
+    assert post_training_term(o, NFTVariant(inv_beta_scale=True)) == \
+        NFT(0.5, NFTVariant(inv_beta_scale=True))
+    with pytest.raises(UserError, match="objective.inv_beta_scale"):
+        post_training_term(OmegaConf.merge(o, {"name": "rwr"}), NFTVariant())
+    assert isinstance(post_training_term(OmegaConf.merge(o, {"name": "rwr", "inv_beta_scale":
+                                                             False}), NFTVariant()), RWR)
+    with pytest.raises(UserError, match="objective.name"):
+        post_training_term(OmegaConf.merge(o, {"name": "grpo"}), NFTVariant())

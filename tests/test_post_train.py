@@ -179,9 +179,40 @@ def test_kill_9_and_resume_gives_the_same_weights(uninterrupted, tiny_dataset, b
     a, b = _weights(uninterrupted), _weights(run_dir)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    la = [(r["step"], r["loss"], r["reward/mean"]) for r in _rows(uninterrupted, "train")]
-    lb = [(r["step"], r["loss"], r["reward/mean"]) for r in _rows(run_dir, "train")]
+    la = [(r["step"], r["loss"], r["reward/mean"], r["samples"])
+          for r in _rows(uninterrupted, "train")]
+    lb = [(r["step"], r["loss"], r["reward/mean"], r["samples"]) for r in _rows(run_dir, "train")]
     assert la == lb
+    assert [r[3] for r in la] == [2 * r[0] for r in la]          # 2 prefixes per step
+
+
+def test_checkpoints_carry_the_samples_seen_and_older_ones_still_resume(uninterrupted,
+                                                                        tiny_dataset,
+                                                                        base_model, tmp_path):
+    """Progress: every checkpoint holds the samples seen; one written before that count
+    (no "samples" key) resumes as step x trainer.batch_size and ends as the uninterrupted run."""
+    import shutil
+
+    from persistworld.trainers.post_train import post_train
+    ckpts = sorted((uninterrupted / "checkpoints").glob("*.pt"))
+    first = torch.load(ckpts[0], weights_only=False)
+    assert first["samples"] == 2 * first["step"]
+    run_dir = tmp_path / "older"
+    shutil.copytree(uninterrupted, run_dir)
+    for p in sorted((run_dir / "checkpoints").glob("*.pt"))[1:]:
+        p.unlink()
+    old = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[0], weights_only=False)
+    del old["samples"]
+    torch.save(old, sorted((run_dir / "checkpoints").glob("*.pt"))[0])
+    (run_dir / "status.json").write_text(json.dumps({"state": "running", "step": old["step"]}))
+    (run_dir / "model.pt").unlink()
+    shutil.rmtree(run_dir / "eval", ignore_errors=True)
+    overrides = _post_overrides(tiny_dataset, base_model, run_dir)
+    post_train(_compose("post_train", overrides), overrides=overrides)
+    a, b = _weights(uninterrupted), _weights(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["samples"] for r in _rows(run_dir, "train")] == \
+        [r["samples"] for r in _rows(uninterrupted, "train")]
 
 
 def test_resume_with_different_settings_is_refused(uninterrupted, tiny_dataset, base_model,

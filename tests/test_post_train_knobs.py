@@ -236,7 +236,7 @@ def test_branch_chunks_f2_update_both_chunks(tiny_dataset, base_model, tmp_path,
     captured, calls = [], []
     real_update = pt.PostTrainer.stage_update
 
-    def update(self, cands, keep, r):
+    def update(self, cands, keep, r, at):
         captured.append(cands)
         inner = self.model.denoise
 
@@ -245,7 +245,7 @@ def test_branch_chunks_f2_update_both_chunks(tiny_dataset, base_model, tmp_path,
             return inner(*a, **k)
         self.model.denoise = count
         try:
-            return real_update(self, cands, keep, r)
+            return real_update(self, cands, keep, r, at)
         finally:
             del self.model.denoise
 
@@ -291,3 +291,51 @@ def test_gradient_checkpointing_changes_memory_not_the_weights(tiny_dataset,  # 
     import json
     fp = [json.loads((d / "fingerprint.json").read_text())["fingerprint"] for d in (plain, ckpt)]
     assert fp[0] == fp[1]
+
+
+def test_objective_rwr_drops_the_old_policy_and_is_its_own_run(tiny_dataset,  # noqa: F811
+                                                               base_model, tmp_path,
+                                                               monkeypatch):
+    """objective.name=rwr swaps S4's term through the shared signature: the update calls the
+    policy and the base model (KL) but never the old policy, logs the RWR parts, ends with other
+    weights than NFT, and is fingerprinted as another run; NFT-only switches are refused with
+    it before any work."""
+    import persistworld.trainers.post_train as pt
+    from persistworld.errors import UserError
+    calls = []
+    real_update = pt.PostTrainer.stage_update
+
+    def update(self, cands, keep, r, at):
+        inner = self.model.denoise
+
+        def count(*a, **k):
+            calls.append(self.roles.active)
+            return inner(*a, **k)
+        self.model.denoise = count
+        try:
+            return real_update(self, cands, keep, r, at)
+        finally:
+            del self.model.denoise
+
+    monkeypatch.setattr(pt.PostTrainer, "stage_update", update)
+    rwr = _run(tiny_dataset, base_model, tmp_path / "rwr", ["objective.name=rwr"])
+    assert "old" not in calls and calls.count("policy") == calls.count("base") == 3
+    row = _rows(rwr, "train")[0]
+    assert {"loss", "loss/pos", "loss/kl"} <= row.keys()
+    assert "loss/neg" not in row and "old_deviation" not in row
+    calls.clear()
+    nft = _run(tiny_dataset, base_model, tmp_path / "nft", [])
+    assert calls.count("old") == 3
+    wa, wb = _weights(rwr), _weights(nft)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    from persistworld.utils import fingerprint
+    a, b = (fingerprint.read_identity(d) for d in (rwr, nft))
+    assert fingerprint.differences(b, a) == ["objective.name"]
+    # at "nft" the new key is left out, so runs recorded before it keep their fingerprint
+    assert "name" not in b["settings"]["objective"] and a["settings"]["objective"]["name"] == "rwr"
+    with pytest.raises(UserError, match="objective.adaptive_weighting"):
+        _trainer(tiny_dataset, base_model, tmp_path / "bad",
+                 ["objective.name=rwr", "objective.adaptive_weighting=true"])
+    with pytest.raises(UserError, match="objective.name"):
+        _trainer(tiny_dataset, base_model, tmp_path / "bad2", ["objective.name=ppo"])
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()

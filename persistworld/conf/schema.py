@@ -50,6 +50,7 @@ class RewardConf:
 
 @dataclass
 class ObjectiveConf:
+    name: str = "nft"                # nft (paper) | rwr (objectives/terms.py)
     beta: float = 1.0                # NFT mixing coefficient
     sigma: str = "lognormal"         # lognormal (EDM training) | sampler_grid
     w_kl: float = 1.0e-4             # KL to the base model (adapters off); 0 = off

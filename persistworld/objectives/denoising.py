@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from persistworld.world_model import edm
+from persistworld.objectives.terms import Denoising, Samples
 from persistworld.world_model.interface import HistoryBuffer, WorldModel
 
 
@@ -40,7 +40,8 @@ def denoising_loss(model: WorldModel, x0: torch.Tensor, buffer: HistoryBuffer,
                    history_sigma: float = 0.0, history_eps: torch.Tensor | None = None,
                    history_level: torch.Tensor | None = None,
                    weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-sample weighted denoising loss.
+    """Per-sample weighted denoising loss: base training's forward pass (noise x0, denoise
+    with the model) and the ``denoising`` term of objectives/terms.py on its estimate.
 
     x0: (N, L, C, Hs, Ws) clean future latents; buffer: ground-truth history (N, H, ...);
     future_actions: (N, L, A); sigma: (N,) noise levels; eps: like x0, standard normal.
@@ -53,14 +54,8 @@ def denoising_loss(model: WorldModel, x0: torch.Tensor, buffer: HistoryBuffer,
     x0_hat = model.denoise(x_sigma, sigma, noised_history(buffer, history_sigma, history_eps,
                                                          history_level),
                            future_actions)
-    err = (x0_hat - x0).pow(2)
-    mse = err.flatten(1).mean(1)                                         # (N,)
-    fit = mse
-    if weight is not None:
-        w = weight.expand_as(err)
-        fit = (w * err).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)
     sigma_data = float(getattr(getattr(model, "cfg", None), "sigma_data", 1.0))
-    return {"loss": edm.loss_weight(sigma, sigma_data) * fit, "mse": mse.detach()}
+    return Denoising()(x0_hat, Samples(x0, sigma, weight=weight, sigma_data=sigma_data))
 
 
 def draw_noise(model: WorldModel, x0: torch.Tensor, history: torch.Tensor,

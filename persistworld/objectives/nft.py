@@ -59,6 +59,16 @@ def nft_loss(x0_theta: torch.Tensor, x0_old: torch.Tensor, x0: torch.Tensor, r: 
     return {"loss": loss, "pos": pos.detach(), "neg": neg.detach()}
 
 
+def rwr_loss(x0_theta: torch.Tensor, x0: torch.Tensor, r: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample reward-weighted regression onto the generated candidate x0:
+    L = r * ||x0_theta - x0||^2 (Peters & Schaal 2007; RAFT / ReST-style fine-tuning on good
+    samples). It is the NFT loss without the implicit negative policy: a candidate with r = 0
+    is ignored instead of pushed away from, and there is no old policy. Returns ``loss`` (N,)
+    and ``pos`` (N,), the unweighted squared error."""
+    err = _per_sample_mse(x0_theta, x0.detach())
+    return {"loss": r * err, "pos": err.detach()}
+
+
 def kl_to_base(x0_theta: torch.Tensor, x0_base: torch.Tensor) -> torch.Tensor:
     """Per-sample KL surrogate against the base model (adapters off): ||x0_theta - x0_base||^2.
     The trainer multiplies by w_kl (0 = off)."""

@@ -10,6 +10,12 @@ One training step, as labelled stages:
     S5 ema      old policy <- EMA(policy) by its schedule; optional policy EMA
     S6 record   metrics.jsonl, numbered checkpoints, status
 
+``PostTrainer.train_step(at)`` is S0-S5 over explicit state: where training stands (``Progress``:
+steps taken, samples seen), the roles' weights and the optimiser; the S4 loss is the term
+``objective.name`` chooses (objectives/terms.py: one signature for every loss) plus the KL.
+``PostTrainer.train`` is the thin runner around it: S6, in-training checks, checkpoints,
+preemption, resume.
+
 Several processes (torchrun, srun; trainers/distributed.py) split a step's B prefixes into
 equal slices, one per rank: S0 is computed for all B and sliced, S1-S3b run on the rank's own
 prefixes, S4 draws the noise of ALL kept samples (same order as one process) and uses its
@@ -38,7 +44,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from persistworld.data.dataset import SELECTION_SPLIT, EpisodeStore, RolloutDataset
-from persistworld.objectives.nft import NFTVariant, kl_to_base, nft_loss
+from persistworld.objectives.nft import NFTVariant
+from persistworld.objectives.terms import KLToBase, Samples, Term, post_training_term
 from persistworld.rewards.group import best_of_n, group_advantages
 from persistworld.rewards.reward import MultiViewReward, RewardWeights
 from persistworld.rollout.branching import Branches, branch, rollout_prefix
@@ -102,9 +109,22 @@ class Setup:
                 f"frames) after them")
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where post-training stands: optimiser steps taken and samples seen, a sample being one
+    prefix with its group of K candidates, counted over all processes (as EDM counts images:
+    the count keeps its meaning whatever the batch size of the steps that made it). The step
+    is what seeds and schedules read; both are in every checkpoint and metrics row."""
+
+    step: int = 0
+    samples: int = 0
+
+    def advanced(self, prefixes: int) -> "Progress":
+        return Progress(self.step + 1, self.samples + prefixes)
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler,
-                                                            RewardWeights, EMASchedule,
-                                                            NFTVariant]:
+                                                            RewardWeights, EMASchedule, Term]:
     """Every impossible setting fails here with one message naming it, before any work.
     ``world_size``: processes sharing the run (each takes batch_size / world_size prefixes)."""
     r = cfg.rollout
@@ -141,6 +161,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler
         raise UserError(f"objective.w_kl must be >= 0, got {o.w_kl}")
     variant = NFTVariant(bool(o.inv_beta_scale), bool(o.adaptive_weighting),
                          float(cfg.reward.adv_clip) if o.adv_clip_scale else 1.0)
+    term = post_training_term(o, variant)                               # objective.name
     if not 0.0 <= float(cfg.policy_ema.decay) < 1.0:
         raise UserError(f"policy_ema.decay must be in [0, 1), got {cfg.policy_ema.decay}")
     steps = r.sampler_steps
@@ -173,7 +194,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler
         raise UserError(f"rollout.start_pool_chunks={pool} is shorter than the longest prefix "
                         f"plus branch ({prefix.max_chunks} + {setup.branch_chunks} chunks): "
                         f"every start must have that many chunks after it")
-    return setup, prefix, weights, old, variant
+    return setup, prefix, weights, old, term
 
 
 def start_pool(data_cfg, setup: Setup) -> RolloutDataset:
@@ -225,7 +246,11 @@ class PostTrainer:
         self.dist = Dist.plan(str(cfg.trainer.get("distributed", "auto"))) if dist is None \
             else dist
         (self.setup, self.prefix, weights, self.old_schedule,
-         self.variant) = validate(cfg, self.dist.world)
+         self.objective) = validate(cfg, self.dist.world)
+        # S4's terms: the post-training loss objective.name, plus the KL to the base model
+        self.terms = [(1.0, self.objective)] + ([(float(cfg.objective.w_kl), KLToBase())]
+                                                if float(cfg.objective.w_kl) > 0 else [])
+        self.needs = frozenset().union(*(t.needs for _, t in self.terms))
         self.store = EpisodeStore(cfg.data.root)
         check_episode_lengths(self.store, self.setup, int(cfg.data.stride))
         self.device = self.dist.device_for(cfg.trainer.device)
@@ -267,13 +292,17 @@ class PostTrainer:
         self.opt = build_optimizer(self.roles.named_trainable(), o.name, float(o.lr),
                                    float(o.weight_decay))
         self.data = start_pool(cfg.data, self.setup)
-        self.step = 0
+        self.progress = Progress()
         self.identity = fingerprint.run_identity(OmegaConf.to_container(cfg, resolve=True))
         # created only once the settings have passed, and only by rank 0 (the others never
         # write the run directory; they get rank 0's checkpoint through the process group)
         self.run = RunDir(cfg.run_dir) if self.dist.is_main else None
 
     # -- resume --------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
     @property
     def has_ema(self) -> bool:
         return "ema" in self.roles.roles
@@ -291,7 +320,8 @@ class PostTrainer:
     def state(self) -> dict:
         return {"policy": self.roles.state("policy"), "old": self.roles.state("old"),
                 "ema": self.roles.state("ema") if self.has_ema else None,
-                "optimizer": self.opt.state_dict(), "rng": rng_state()}
+                "optimizer": self.opt.state_dict(), "rng": rng_state(),
+                "samples": self.progress.samples}
 
     def load(self, ckpt: dict) -> None:
         where = "the checkpoint being resumed"
@@ -304,17 +334,19 @@ class PostTrainer:
                 raise UserError(f"{where} has no policy EMA but policy_ema.decay > 0")
         self.opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        self.step = int(ckpt["step"])
+        step = int(ckpt["step"])
+        # checkpoints before the samples count: every step had trainer.batch_size prefixes
+        self.progress = Progress(step, int(ckpt.get("samples", step * self.setup.batch_prefixes)))
 
     # -- S0: starts and prefix lengths ------------------------------------------------------
-    def stage_starts(self) -> tuple[dict, torch.Tensor, list[int]]:
+    def stage_starts(self, at: Progress) -> tuple[dict, torch.Tensor, list[int]]:
         """The step's B starts, prefix lengths and seeds, drawn for all B exactly as one
         process does, then this rank's slice (all of them with one process)."""
-        g = torch.Generator().manual_seed(derive_seed(int(self.cfg.seed), self.step, 0))
+        g = torch.Generator().manual_seed(derive_seed(int(self.cfg.seed), at.step, 0))
         B = self.setup.batch_prefixes
         idx = torch.randint(len(self.data), (B,), generator=g).tolist()
-        P = self.prefix.sample(self.step, B, g)
-        seeds = [derive_seed(int(self.cfg.seed), self.step, b + 1) for b in range(B)]
+        P = self.prefix.sample(at.step, B, g)
+        seeds = [derive_seed(int(self.cfg.seed), at.step, b + 1) for b in range(B)]
         mine = slice(self.first_prefix, self.first_prefix + self.local_prefixes)
         items = [self.data[i] for i in idx[mine]]
         batch = {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k])
@@ -381,7 +413,8 @@ class PostTrainer:
         grid = self.model.sampler_sigmas(self.cfg.rollout.sampler_steps)[:-1]  # drop final 0
         return grid[torch.randint(len(grid), (n,), generator=g)]
 
-    def stage_update(self, cands: Branches, keep: torch.Tensor, r: torch.Tensor) -> dict:
+    def stage_update(self, cands: Branches, keep: torch.Tensor, r: torch.Tensor,
+                     at: Progress) -> dict:
         """keep: (b, M) kept candidate indices per group; r: (b, K) reward weights, for this
         rank's b prefixes. The noise (sigma, eps) is drawn for all B*M kept samples of the step
         at once, chunk by chunk, in one process's order, and each rank uses its own rows, in
@@ -391,17 +424,16 @@ class PostTrainer:
         rank makes the same number of backward passes; torch DDP averages the gradients over
         the ranks in the last one (``no_sync`` before it), so each rank's loss is scaled by
         the world size to give one process's sum."""
-        K, o = self.setup.group_size, self.cfg.objective
+        K = self.setup.group_size
         flat = (keep + torch.arange(keep.shape[0])[:, None] * K).flatten()  # (b*M,) local
         r_kept = r.flatten()[flat].to(self.device)
         n_local = len(flat)
         n_total = n_local * self.dist.world                                # B*M, global
         first = self.dist.rank * n_local                    # this rank's first global sample
-        g = torch.Generator().manual_seed(derive_seed(int(self.cfg.seed), self.step, 10**6))
+        g = torch.Generator().manual_seed(derive_seed(int(self.cfg.seed), at.step, 10**6))
         self.model.train()
         self.opt.zero_grad()
-        parts = {"loss": 0.0, "loss/pos": 0.0, "loss/neg": 0.0, "loss/kl": 0.0,
-                 "old_deviation": 0.0}
+        parts: dict[str, float] = {"loss": 0.0}     # + the terms' parts (same order per rank)
         F = len(cands.latents)
         frac = 1.0 / (n_total * F)                           # global normalisation
         micro = int(self.cfg.trainer.micro_batch or n_local)
@@ -427,35 +459,40 @@ class PostTrainer:
                             x0_theta = self.policy_denoiser(x_sigma, sigma, buf.latents,
                                                             buf.actions, acts,
                                                             buf.context).float()
+                        x0_old = x0_base = None
                         with torch.no_grad():
-                            with self.roles.use("old") as old:
-                                x0_old = old.denoise(x_sigma, sigma, buf, acts).float()
-                            x0_base = None
-                            if float(o.w_kl) > 0:
+                            if "x0_old" in self.needs:
+                                with self.roles.use("old") as old:
+                                    x0_old = old.denoise(x_sigma, sigma, buf, acts).float()
+                            if "x0_base" in self.needs:
                                 with self.roles.use(BASE) as base:   # adapters off
                                     x0_base = base.denoise(x_sigma, sigma, buf, acts).float()
-                    out = nft_loss(x0_theta, x0_old, x0, r_kept[lo - first:hi - first],
-                                   float(o.beta), self.variant)
-                    loss = out["loss"]
-                    if x0_base is not None:
-                        kl = kl_to_base(x0_theta, x0_base)
-                        loss = loss + float(o.w_kl) * kl
-                        parts["loss/kl"] += kl.sum().item()
+                    kept = Samples(x0, sigma, r=r_kept[lo - first:hi - first], x0_old=x0_old,
+                                   x0_base=x0_base)
+                    loss, logged = 0.0, {}
+                    for weight, term in self.terms:                  # one signature each
+                        out = term(x0_theta, kept)
+                        loss = loss + weight * out["loss"]
+                        if term is self.objective:                   # loss/pos, loss/neg
+                            logged.update({f"loss/{k}": v for k, v in out.items()
+                                           if k != "loss"})
+                        else:                            # an added term, unweighted: loss/kl
+                            logged[f"loss/{term.name}"] = out["loss"]
                     (loss.sum() * (frac * self.dist.world)).backward()   # DDP averages
                 parts["loss"] += loss.sum().item() * frac
-                parts["loss/pos"] += out["pos"].sum().item() * frac
-                parts["loss/neg"] += out["neg"].sum().item() * frac
-                parts["old_deviation"] += (x0_theta.detach() - x0_old).pow(2).flatten(1) \
-                    .mean(1).sqrt().sum().item() * frac
+                if x0_old is not None:
+                    logged["old_deviation"] = (x0_theta.detach() - x0_old).pow(2).flatten(1) \
+                        .mean(1).sqrt()
+                for k, v in logged.items():
+                    parts[k] = parts.get(k, 0.0) + v.sum().item() * frac
         params = self.roles.params("policy")
         if self.dist.enabled:                     # logged sums over ranks = one process's
             totals = torch.tensor([parts[k] for k in parts], dtype=torch.float64)
             self.dist.all_reduce_(totals)
             parts = dict(zip(parts, totals.tolist()))
-        parts["loss/kl"] /= n_total * F
         clip = float(self.cfg.optim.grad_clip or 0)
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.opt.set_lr_factor(warmup_cosine(self.step, int(self.cfg.optim.warmup_steps),
+        self.opt.set_lr_factor(warmup_cosine(at.step, int(self.cfg.optim.warmup_steps),
                                              int(self.cfg.trainer.steps)))
         self.opt.step()
         self.model.eval()
@@ -463,15 +500,51 @@ class PostTrainer:
         return parts
 
     # -- S5: EMA of the old policy and of the policy ----------------------------------------
-    def stage_ema(self) -> float:
-        d = self.old_schedule.decay(self.step)
+    def stage_ema(self, at: Progress) -> float:
+        d = self.old_schedule.decay(at.step)
         ema_update(self.roles.params("old"), self.roles.params("policy"), d)
         if self.has_ema:
             ema_update(self.roles.params("ema"), self.roles.params("policy"),
                        float(self.cfg.policy_ema.decay))
         return d
 
-    # -- the loop ---------------------------------------------------------------------------
+    # -- one step of Algorithm 1 ------------------------------------------------------------
+    def train_step(self, at: Progress) -> tuple[Progress, dict]:
+        """S0-S5 at ``at``, then where training stands after it and the step's metrics (over
+        all B prefixes). What the step reads is ``at`` (its seeds, prefix lengths, learning
+        rate and old-policy decay come from it), the roles' weights and the optimiser; what it
+        changes is those weights and the optimiser. Recording, checks, checkpoints and
+        preemption are the runner's (``train``)."""
+        d, times = self.dist, {}
+        batch, P, seeds = self.stage_starts(at)                                     # S0
+        cands, truth = self.stage_rollouts(batch, P, seeds, times)                  # S1 + S2
+        t = time.perf_counter()
+        R, A, r, info = self.stage_score(cands, truth)                              # S3
+        keep = best_of_n(R, self.cfg.rollout.best_of_n)                             # S3b
+        times["time/reward"] = time.perf_counter() - t
+        t = time.perf_counter()
+        parts = self.stage_update(cands, keep, r, at)                               # S4
+        times["time/update"] = time.perf_counter() - t
+        decay = self.stage_ema(at)                                                  # S5
+        # metrics over all B prefixes: gather every rank's (rank order = B order)
+        R, A, P = d.gather_cat(R), d.gather_cat(A), d.gather_cat(P)
+        info = {k: d.gather_cat(v) for k, v in info.items()}
+        if d.enabled:                           # the slowest rank's time for each stage
+            slowest = torch.tensor([times[k] for k in times], dtype=torch.float64)
+            times = dict(zip(times, d.all_reduce_(slowest, "max").tolist()))
+        after = at.advanced(self.setup.batch_prefixes)
+        clip = float(self.cfg.reward.adv_clip)
+        return after, {**parts, **times, "old_decay": decay, "samples": after.samples,
+                       "reward/mean": R.mean(), "reward/std": R.std(unbiased=False),
+                       "reward/group_std": R.std(1, unbiased=False).mean(),
+                       "adv/abs_mean": A.abs().mean(),
+                       "adv/clipped_frac": (A.abs() > clip).float().mean(),
+                       "kept_frac": keep.shape[1] / self.setup.group_size,
+                       "prefix/mean": P.float().mean(),
+                       **{f"reward/{k}": v.mean() for k, v in info.items()},
+                       **{f"reward_std/{k}": v.std(unbiased=False) for k, v in info.items()}}
+
+    # -- the runner -------------------------------------------------------------------------
     def train(self) -> Path:
         cfg, run, d = self.cfg, self.run, self.dist
         root = Path(cfg.run_dir)
@@ -507,40 +580,13 @@ class PostTrainer:
                                              and not cfg.trainer.progress))
         try:
             while self.step < total:
-                times = {}
-                batch, P, seeds = self.stage_starts()                               # S0
-                cands, truth = self.stage_rollouts(batch, P, seeds, times)          # S1 + S2
-                t = time.perf_counter()
-                R, A, r, info = self.stage_score(cands, truth)             # S3
-                keep = best_of_n(R, cfg.rollout.best_of_n)                          # S3b
-                times["time/reward"] = time.perf_counter() - t
-                t = time.perf_counter()
-                parts = self.stage_update(cands, keep, r)                           # S4
-                times["time/update"] = time.perf_counter() - t
-                decay = self.stage_ema()                                            # S5
-                self.step += 1
+                self.progress, metrics = self.train_step(self.progress)      # S0-S5
                 self.check_frozen()
-                # metrics over all B prefixes: gather every rank's (rank order = B order)
-                R, A, P = d.gather_cat(R), d.gather_cat(A), d.gather_cat(P)
-                info = {k: d.gather_cat(v) for k, v in info.items()}
-                if d.enabled:                   # the slowest rank's time for each stage
-                    slowest = torch.tensor([times[k] for k in times], dtype=torch.float64)
-                    times = dict(zip(times, d.all_reduce_(slowest, "max").tolist()))
-                metrics = {**parts, **times, "old_decay": decay,
-                           "reward/mean": R.mean(), "reward/std": R.std(unbiased=False),
-                           "reward/group_std": R.std(1, unbiased=False).mean(),
-                           "adv/abs_mean": A.abs().mean(),
-                           "adv/clipped_frac": (A.abs() > float(cfg.reward.adv_clip)).float()
-                           .mean(),
-                           "kept_frac": keep.shape[1] / self.setup.group_size,
-                           "prefix/mean": P.float().mean(),
-                           **{f"reward/{k}": v.mean() for k, v in info.items()},
-                           **{f"reward_std/{k}": v.std(unbiased=False)
-                              for k, v in info.items()}}
                 if d.is_main:
                     run.log_metrics(self.step, "train", metrics)                    # S6
                 bar.update(1)
-                bar.set_postfix(loss=f"{parts['loss']:.4f}", R=f"{R.mean():.3f}")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                R=f"{float(metrics['reward/mean']):.3f}")
                 every = int(cfg.trainer.eval_every or 0)
                 if every and (self.step % every == 0 or self.step == total):
                     d.main_only(self.check_and_report)                              # S6b
@@ -574,7 +620,8 @@ class PostTrainer:
         if plan == "completed":
             return "completed", None
         if plan == "evaluate" or (plan == "resume" and self.final_model_written()):
-            self.step = int(self.run.read_status().get("step", 0) or 0)
+            step = int(self.run.read_status().get("step", 0) or 0)
+            self.progress = Progress(step, step * self.setup.batch_prefixes)
             return "finish", None
         if plan == "extend":             # more steps of the same run: its old results go
             self.run.set_status("running", int(self.run.read_status().get("step", 0)))

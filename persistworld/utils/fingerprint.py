@@ -11,7 +11,8 @@ reported in the run's status, not refused (a bug fix must not orphan every run).
 evaluation has an identity of its own (its settings and the evaluated split's episodes,
 ``summary.json["settings"]`` / ``["data"]``): a change re-runs only the evaluation.
 
-NEUTRAL lists every setting the fingerprint leaves out, with the reason; nothing else is left
+NEUTRAL lists every setting the fingerprint leaves out, with the reason; ADDED lists settings
+introduced after runs existed, left out only at the value older runs had; nothing else is left
 out, so an unlisted new setting is fingerprinted by default.
 """
 from __future__ import annotations
@@ -59,6 +60,12 @@ NEUTRAL: dict[str, str] = {
     "eval": "the final evaluation has its own identity in its summary.json; a change re-runs "
             "only the evaluation",
 }
+# settings added after runs existed: dotted key -> the value every older run had. At that value
+# the key is left out of the fingerprint, so an older run keeps its fingerprint and is resumed
+# (and reported) as before; any other value is fingerprinted
+ADDED: dict[str, Any] = {
+    "objective.name": "nft",          # 2026-12-02: the loss was always x0-adapted NFT before
+}
 # the settings post-training may continue under (the others must be equal)
 EXTENDABLE = ("trainer.steps",)
 
@@ -72,6 +79,35 @@ def _strip(tree: Any, prefix: str = "") -> Any:
         return {k: _strip(v, f"{prefix}{k}.") for k, v in tree.items()
                 if not _neutral(f"{prefix}{k}")}
     return copy.deepcopy(tree)
+
+
+def _node(tree: dict, key: str) -> tuple[dict | None, str]:
+    *path, last = key.split(".")
+    for part in path:
+        tree = tree.get(part)
+        if not isinstance(tree, dict):
+            return None, last
+    return tree, last
+
+
+def _without_added(settings: dict) -> dict:
+    """``settings`` minus every ``ADDED`` key at the value older runs had (what is hashed)."""
+    out = copy.deepcopy(settings)
+    for key, value in ADDED.items():
+        node, last = _node(out, key)
+        if node is not None and last in node and node[last] == value:
+            del node[last]
+    return out
+
+
+def _with_added(settings: Mapping[str, Any]) -> dict:
+    """Recorded settings with every ``ADDED`` key they lack at its older value (compared)."""
+    out = copy.deepcopy(dict(settings))
+    for key, value in ADDED.items():
+        node, last = _node(out, key)
+        if node is not None:
+            node.setdefault(last, value)
+    return out
 
 
 def _sha(obj: Any) -> str:
@@ -127,7 +163,7 @@ def run_identity(config: Mapping[str, Any]) -> dict:
     """The identity of a post-training run from its resolved config (a plain mapping)."""
     from persistworld.data.dataset import EpisodeStore
     from persistworld.errors import MissingFile
-    settings = _strip(config)
+    settings = _without_added(_strip(config))
     model = model_file(config["base_model"])
     if not model.is_file():
         raise MissingFile(f"base_model={config['base_model']}: no world model at {model}; "
@@ -160,7 +196,8 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """What differs between two identities, by name: the settings (dotted keys), then
     "base model file" / "dataset" when their content differs. Empty: the same run."""
     from persistworld.utils.rundir import config_differences
-    out = config_differences(old.get("settings") or {}, new.get("settings") or {})
+    out = config_differences(_with_added(old.get("settings") or {}),
+                             _with_added(new.get("settings") or {}))
     for part, name in (("base_model", "base model file (content)"),
                        ("data", "dataset (train / val episodes or render settings)")):
         if (old.get("parts") or {}).get(part) != (new.get("parts") or {}).get(part):
