@@ -227,8 +227,12 @@ def test_policy_eval_end_to_end_resumes_and_refuses_other_settings(tiny_dataset,
             "--out", str(out), "--no-progress"]
     CALLS.clear()
     assert main(args) == 0
-    assert len(CALLS) == 4 and CALLS[0] == (11, 3, 64, 64, 3)   # 2 policies x 2 starts
+    # 2 policies x 2 starts, then the still video of each start
+    assert len(CALLS) == 6 and set(CALLS) == {(11, 3, 64, 64, 3)}
     s = json.loads((out / "summary.json").read_text())
+    still = json.loads((out / "rollouts" / "still" / "ep0.json").read_text())
+    assert s["nothing_moves"]["n"] == 2 and 0 <= s["nothing_moves"]["progress"] <= 1
+    assert still["policy_id"] == "nothing moves" and "still video" in (out / "summary.md").read_text()
     assert set(s["policies"]) == {"expert", "expert@0.05"}
     env = s["models"][0]
     assert set(s["agreement"][env]) == {"pearson", "spearman", "mmrv", "false_success"}
@@ -263,6 +267,8 @@ def test_policy_eval_checks_settings_before_any_rollout(tiny_dataset, tmp_path):
         main([*base, "--starts", "5"])
     with pytest.raises(UserError, match="no such file"):
         main([*base, "--split", "train", "--starts", "2", "--model", str(tmp_path / "no.pt")])
+    with pytest.raises(UserError, match="--steps 0"):
+        main([*base, "--split", "train", "--starts", "2", "--steps", "0"])
     assert not (tmp_path / "x").exists()
 
 

@@ -2,7 +2,7 @@
 
     persistworld policy-eval --data data/mini_droid [--model M [M ...]] \
         [--policies expert expert@0.01 ...] [--split test] [--starts 8] [--chunks 14] \
-        [--judge module:function] [--out runs/policy_eval]
+        [--steps N] [--judge FILE.pt | module:function | none] [--out runs/policy_eval]
 
 Every policy runs from the same start states (the first frames of ``--starts`` episodes of
 ``--split``) for ``--chunks`` chunks of L frames, closed loop:
@@ -16,12 +16,17 @@ The judge (``--judge``: a file written by ``persistworld train-judge``, by defau
 ``models/stage_judge.pt``, or any ``module:function``) is
 ``judge(frames, start) -> (T, S) bool stage flags`` (frames (T, V, h, w, 3) uint8, VIEWS
 order; ``start`` gives the task, its goal and the object; ``judge.py``); the in-order
-progress is computed from its flags exactly as from the simulator's. Without a judge the world-model rollouts
-and videos are still written, and the ranking statistics are left out.
+progress is computed from its flags exactly as from the simulator's. Without a judge (``--judge
+none``, or no judge file) the world-model rollouts and videos are still written, and the
+ranking statistics are left out. With one, the judge also scores a still video (the start frame
+throughout, "nothing moves") from every start: the progress it grants a world model in which
+nothing happens, the floor the world models' progress is read against.
 
-Outputs in ``--out``: ``rollouts/<env>/<policy>/ep<id>.json`` (one per rollout, written
-atomically; a rerun with the same settings skips the ones that exist, so an interrupted run
-resumes), ``videos/<policy>_ep<id>.gif`` (simulator | each world model, the first start of
+Outputs in ``--out``: ``config.json`` (the settings and their fingerprint),
+``rollouts/<env>/<policy>/ep<id>.json`` (one per rollout, written atomically; a rerun with the
+same settings skips the ones that exist, so an interrupted run resumes; ``rollouts/still/``:
+the judged still videos), ``frames/<env>/<policy>/ep<id>.npz`` (every rollout's frames,
+``rgb`` (T, V, h, w, 3) uint8, which the records point to), ``videos/<policy>_ep<id>.gif`` (simulator | each world model, the first start of
 each policy), ``summary.json`` and ``summary.md`` (per-policy progress and success with
 bootstrap intervals; Pearson, Spearman, MMRV and false-success rate per world model) and
 ``policy_eval.png`` (world-model vs simulator progress per policy, the paper's Fig. 8).
@@ -49,10 +54,11 @@ def _args(argv):
     ap.add_argument("--split", default="test", help="where the start states come from")
     ap.add_argument("--starts", type=int, default=8, help="start states (episodes) per policy")
     ap.add_argument("--chunks", type=int, default=14)
-    ap.add_argument("--steps", type=int, default=None, help="sampler steps per chunk")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="sampler steps per chunk (default: each model's own)")
     ap.add_argument("--judge", default=None,
-                    help="a judge file (.pt) or module:function scoring generated video "
-                         "(default: models/stage_judge.pt when it exists)")
+                    help="a judge file (.pt), module:function scoring generated video, or "
+                         "none (default: models/stage_judge.pt when it exists)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--out", default="runs/policy_eval")
@@ -71,6 +77,13 @@ def render_config(store, data) -> dict:
     return dict(rc)
 
 
+def default_future() -> int:
+    """L, the chunk length the simulator-only evaluation steps by: the data config's."""
+    from omegaconf import OmegaConf
+    conf = Path(__file__).resolve().parents[1] / "conf" / "data" / "mini_droid.yaml"
+    return int(OmegaConf.load(conf).future)
+
+
 def _check(a, store) -> tuple[dict, list[int]]:
     """Every setting before any rollout starts."""
     rc = render_config(store, a.data)
@@ -80,6 +93,9 @@ def _check(a, store) -> tuple[dict, list[int]]:
         raise UserError(f"--policies lists a policy twice: {a.policies}")
     if a.starts < 2 or a.chunks < 1 or a.boot < 1:
         raise UserError("--starts must be >= 2, --chunks >= 1 and --boot >= 1")
+    if a.steps is not None and a.steps < 1:
+        raise UserError(f"--steps {a.steps}: sampler steps per chunk must be >= 1 (leave it "
+                        f"out for each model's own)")
     ids = store.episode_ids(a.split)
     if a.starts > len(ids):
         raise UserError(f"--starts {a.starts}: the {a.split} split has {len(ids)} episodes")
@@ -168,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             load_world_model(m)
     from persistworld.policy_eval.judge import load_judge
     judge = load_judge(a.judge) if models else None       # the simulator needs none
-    horizon = next(iter(models.values())).future if models else int(
-        (store.manifest.get("config") or {}).get("future", 5))
+    horizon = next(iter(models.values())).future if models else default_future()
     out = Path(a.out)
     fp = _fingerprint(a, [_model_id(m) for m in a.model], judge)
     cfg_file = out / "config.json"
@@ -205,11 +220,27 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(rec_path(env, label, ep),
                               _record(task, flags, frames_file, env == "sim" or judge is not None,
                                       pid))
+    if judge is not None and models:               # the judge's floor: nothing moves
+        from persistworld.policy_eval.simulator import SimRollout
+        for ep in starts:
+            path = out / "rollouts" / "still" / f"ep{ep}.json"
+            if path.exists():
+                continue
+            start = SimRollout(rc, ep, attempts[ep])
+            still = np.repeat(start.views()[None], 1 + a.chunks * horizon, 0)
+            atomic_write_json(path, _record(start.task, np.asarray(judge(still, start), bool),
+                                            "", True, "nothing moves"))
     # every record in start order: rollouts are paired by start across policies and envs
     table = {env: {policy_label(p): [json.loads(rec_path(env, policy_label(p), ep).read_text())
                                      for ep in starts] for p in a.policies} for env in envs}
     labels = [policy_label(p) for p in a.policies]
     summary = summarise(table, labels, models, judge is not None, a.boot, a.seed)
+    if judge is not None and models:
+        still = [json.loads((out / "rollouts" / "still" / f"ep{ep}.json").read_text())
+                 for ep in starts]
+        summary["nothing_moves"] = {"progress": float(np.mean([r["progress"] for r in still])),
+                                    "success": float(np.mean([r["success"] for r in still])),
+                                    "n": len(still)}
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", summary_markdown(summary))
     write_videos(out, table, labels, starts[0], envs)
@@ -273,6 +304,12 @@ def summary_markdown(s: dict) -> str:
     elif s["models"]:
         lines += ["", "World-model rollouts were recorded without a judge (--judge): no "
                       "ranking statistics."]
+    if "nothing_moves" in s:
+        n = s["nothing_moves"]
+        lines += ["", f"The judge on a still video (the start frame throughout, nothing moves; "
+                      f"{n['n']} starts): progress {n['progress']:.3f}, success "
+                      f"{n['success']:.2f}. A world model's progress near this is the judge's "
+                      f"floor, not the policy's."]
     return "\n".join(lines) + "\n"
 
 
