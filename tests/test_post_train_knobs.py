@@ -339,3 +339,32 @@ def test_objective_rwr_drops_the_old_policy_and_is_its_own_run(tiny_dataset,  # 
     with pytest.raises(UserError, match="objective.name"):
         _trainer(tiny_dataset, base_model, tmp_path / "bad2", ["objective.name=ppo"])
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
+
+
+def test_ramps_advance_by_samples_seen_in_steps_of_schedule_batch(tiny_dataset,  # noqa: F811
+                                                                 base_model, tmp_path):
+    """trainer.schedule_batch: the old-policy ramp and the learning-rate warm-up advance by
+    samples seen / schedule_batch, so a run at batch 2 written for batch 4 reaches, after 4
+    samples, the decay and learning rate that a batch-4 run has after 4 samples (its step 1);
+    null keeps the ramps in steps (and older fingerprints); a bad value fails before any work."""
+    from persistworld.errors import UserError
+    from persistworld.utils import fingerprint
+    ramps = ["old_policy.schedule=paper", "old_policy.max=0.5", "old_policy.ramp=4",
+             "optim.warmup_steps=4"]
+    half = _run(tiny_dataset, base_model, tmp_path / "b2",
+                [*ramps, "trainer.batch_size=2", "trainer.schedule_batch=4"])
+    full = _run(tiny_dataset, base_model, tmp_path / "b4", [*ramps, "trainer.batch_size=4"])
+    h, f = _rows(half, "train"), _rows(full, "train")
+    assert [r["samples"] for r in h] == [2, 4, 6] and [r["samples"] for r in f] == [4, 8, 12]
+    for rows, batch in ((h, 2), (f, 4)):
+        for r in rows:
+            position = (r["samples"] - batch) / 4           # samples seen before the step / 4
+            assert r["old_decay"] == pytest.approx(0.5 * min(1.0, position / 4))
+    assert h[2]["old_decay"] == pytest.approx(f[1]["old_decay"]) and h[2]["old_decay"] > 0
+    assert h[2]["lr"] == pytest.approx(f[1]["lr"])
+    assert h[0]["lr"] == pytest.approx(h[2]["lr"] / 2)      # warm-up factor (0+1)/4 vs (1+1)/4
+    assert f[1]["lr"] == pytest.approx(2 * f[0]["lr"])      # in steps: (1+1)/4 vs (0+1)/4
+    assert "schedule_batch" not in fingerprint.read_identity(full)["settings"]["trainer"]
+    with pytest.raises(UserError, match="trainer.schedule_batch"):
+        _trainer(tiny_dataset, base_model, tmp_path / "bad", ["trainer.schedule_batch=0"])
+    assert not (tmp_path / "bad").exists()

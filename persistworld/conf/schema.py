@@ -95,6 +95,8 @@ class OptimConf:
 class TrainerConf:
     steps: int = 200                 # gradient updates (paper: 8000)
     batch_size: int = 2              # B prefixes per step, each with its own group (paper: 64)
+    schedule_batch: Optional[int] = None  # the batch the ramps' lengths are written for: ramps
+                                     #   advance by samples seen / schedule_batch; null = batch_size
     micro_batch: Optional[int] = None  # candidates per backward pass (per process); null = all
     ckpt_every: int = 25             # steps between numbered checkpoints
     eval_every: int = 0              # steps between in-training held-out checks; 0 = off

@@ -37,7 +37,7 @@ class PrefixSampler:
         """The longest prefix this sampler can produce (for length validation)."""
         return self.low if self.strategy == "fixed" else self.high
 
-    def upper(self, step: int) -> int:
+    def upper(self, step: float) -> int:
         if self.strategy == "fixed":
             return self.low
         if self.strategy == "uniform":
@@ -45,7 +45,8 @@ class PrefixSampler:
         frac = min(1.0, step / self.ramp_steps)
         return self.low + int(round(frac * (self.high - self.low)))
 
-    def sample(self, step: int, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n,) prefix lengths in chunks for training step ``step``."""
+    def sample(self, step: float, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n,) prefix lengths in chunks at schedule position ``step`` (the optimiser step, or
+        samples seen / ``trainer.schedule_batch``: ``Progress.position``)."""
         hi = self.upper(step)
         return torch.randint(self.low, hi + 1, (n,), generator=generator)

@@ -49,7 +49,7 @@ class EMASchedule:
         if not 0.0 <= self.max <= 1.0:
             raise UserError(f"old_policy.max must be in [0, 1], got {self.max}")
 
-    def decay(self, step: int) -> float:
+    def decay(self, step: float) -> float:
         s = self.schedule
         if s in ("none", "frozen"):
             return 1.0

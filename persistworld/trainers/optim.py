@@ -87,7 +87,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter | tuple[str, torch.nn.Pa
     raise UserError(f"optim.name: unknown {name!r} (choose from {', '.join(OPTIMIZERS)})")
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final: float = 1.0) -> float:
+def warmup_cosine(step: float, warmup_steps: int, total_steps: float, final: float = 1.0) -> float:
     """LR factor: linear warm-up to 1, then cosine from 1 to ``final`` (1.0 = constant)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps

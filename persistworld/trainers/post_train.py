@@ -84,6 +84,7 @@ class Setup:
     future: int               # L
     max_prefix_chunks: int    # max P
     start_pool_chunks: int    # chunks every start has after it (>= max P + F): the start pool
+    schedule_batch: int       # the batch size the ramps' lengths are written for
 
     @property
     def candidates_per_step(self) -> int:
@@ -106,7 +107,7 @@ class Setup:
                 f"{self.kept_per_group} kept per group -> {self.update_samples_per_step} "
                 f"chunk updates; prefixes up to {self.max_prefix_chunks} chunks; starts drawn "
                 f"from those with {self.start_pool_chunks} chunks ({self.frames_needed} "
-                f"frames) after them")
+                f"frames) after them; ramps in steps of {self.schedule_batch} samples")
 
 
 @dataclass(frozen=True)
@@ -114,13 +115,23 @@ class Progress:
     """Where post-training stands: optimiser steps taken and samples seen, a sample being one
     prefix with its group of K candidates, counted over all processes (as EDM counts images:
     the count keeps its meaning whatever the batch size of the steps that made it). The step
-    is what seeds and schedules read; both are in every checkpoint and metrics row."""
+    is what seeds read; the ramps and schedules (curriculum prefix, learning-rate warm-up and
+    cosine, old-policy decay) read ``position``: samples seen in steps of
+    ``trainer.schedule_batch`` samples, so a preset written for batch 64 (experiment=paper)
+    keeps its schedule in samples when run at another batch size (``old_policy.a`` is then per
+    schedule step). An EMA still applies its decay once per optimiser step. Both counts are in
+    every checkpoint and metrics row."""
 
     step: int = 0
     samples: int = 0
 
     def advanced(self, prefixes: int) -> "Progress":
         return Progress(self.step + 1, self.samples + prefixes)
+
+    def position(self, schedule_batch: int) -> float:
+        """Where the ramps and schedules stand: samples seen in steps of ``schedule_batch``
+        samples (``trainer.schedule_batch``; = the step itself when it is the batch size)."""
+        return self.samples / schedule_batch
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler,
@@ -172,6 +183,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler
     for key in ("steps", "batch_size", "ckpt_every", "eval_chunks", "eval_samples"):
         if int(t[key]) < 1:
             raise UserError(f"trainer.{key} must be >= 1, got {t[key]}")
+    schedule_batch = t.get("schedule_batch")
+    if schedule_batch is not None and int(schedule_batch) < 1:
+        raise UserError(f"trainer.schedule_batch must be >= 1 (null: trainer.batch_size), got "
+                        f"{schedule_batch}")
     if int(t.eval_every or 0) < 0:
         raise UserError(f"trainer.eval_every must be >= 0 (0: no in-training checks), got "
                         f"{t.eval_every}")
@@ -189,7 +204,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler
     pool = r.get("start_pool_chunks")
     setup = Setup(int(t.batch_size), K, K if n is None else 2 * n, int(r.branch_chunks),
                   int(cfg.data.future), prefix.max_chunks,
-                  prefix.max_chunks + int(r.branch_chunks) if pool is None else int(pool))
+                  prefix.max_chunks + int(r.branch_chunks) if pool is None else int(pool),
+                  int(t.batch_size) if schedule_batch is None else int(schedule_batch))
     if setup.start_pool_chunks < prefix.max_chunks + setup.branch_chunks:
         raise UserError(f"rollout.start_pool_chunks={pool} is shorter than the longest prefix "
                         f"plus branch ({prefix.max_chunks} + {setup.branch_chunks} chunks): "
@@ -345,7 +361,7 @@ class PostTrainer:
         g = torch.Generator().manual_seed(derive_seed(int(self.cfg.seed), at.step, 0))
         B = self.setup.batch_prefixes
         idx = torch.randint(len(self.data), (B,), generator=g).tolist()
-        P = self.prefix.sample(at.step, B, g)
+        P = self.prefix.sample(at.position(self.setup.schedule_batch), B, g)
         seeds = [derive_seed(int(self.cfg.seed), at.step, b + 1) for b in range(B)]
         mine = slice(self.first_prefix, self.first_prefix + self.local_prefixes)
         items = [self.data[i] for i in idx[mine]]
@@ -492,16 +508,19 @@ class PostTrainer:
             parts = dict(zip(parts, totals.tolist()))
         clip = float(self.cfg.optim.grad_clip or 0)
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.opt.set_lr_factor(warmup_cosine(at.step, int(self.cfg.optim.warmup_steps),
-                                             int(self.cfg.trainer.steps)))
+        ref = self.setup.schedule_batch        # warm-up and cosine in steps of ref samples
+        self.opt.set_lr_factor(warmup_cosine(
+            at.position(ref), int(self.cfg.optim.warmup_steps),
+            int(self.cfg.trainer.steps) * self.setup.batch_prefixes / ref))
         self.opt.step()
         self.model.eval()
         parts["grad_norm"] = float(gnorm)
+        parts["lr"] = float(self.opt.param_groups[0]["lr"])
         return parts
 
     # -- S5: EMA of the old policy and of the policy ----------------------------------------
     def stage_ema(self, at: Progress) -> float:
-        d = self.old_schedule.decay(at.step)
+        d = self.old_schedule.decay(at.position(self.setup.schedule_batch))
         ema_update(self.roles.params("old"), self.roles.params("policy"), d)
         if self.has_ema:
             ema_update(self.roles.params("ema"), self.roles.params("policy"),

@@ -65,6 +65,7 @@ NEUTRAL: dict[str, str] = {
 # (and reported) as before; any other value is fingerprinted
 ADDED: dict[str, Any] = {
     "objective.name": "nft",          # 2026-12-02: the loss was always x0-adapted NFT before
+    "trainer.schedule_batch": None,   # 2026-12-03: the ramps were always in steps before
 }
 # the settings post-training may continue under (the others must be equal)
 EXTENDABLE = ("trainer.steps",)
