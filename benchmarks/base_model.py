@@ -139,15 +139,9 @@ def main() -> None:
     out = Path(a.out or f"runs/bench_base/{Path(a.model).stem}")
     model = a.model
     if a.sampler:
-        import yaml
-
         from persistworld.world_model import export_world_model
-        sampler = {}
-        for item in a.sampler:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"--sampler {item!r}: expected KEY=VALUE")
-            sampler[key] = yaml.safe_load(value)
+        from persistworld.world_model.export import sampler_settings
+        sampler = sampler_settings(a.sampler)
         out.mkdir(parents=True, exist_ok=True)
         model = str(export_world_model(a.model, out / "model.pt", sampler=sampler))
         print(f"measuring {a.model} with sampler settings {sampler} ({model})")

@@ -26,6 +26,30 @@ def _run(tiny_dataset, base_model, run_dir, extra=()):  # noqa: F811
     return run_dir
 
 
+def _record_update_calls(monkeypatch):
+    """Spy on S4: (the candidates each update received, the adapter role active at each
+    ``denoise`` call inside the update)."""
+    import persistworld.trainers.post_train as pt
+    captured, calls = [], []
+    real_update = pt.PostTrainer.stage_update
+
+    def update(self, cands, keep, r, at):
+        captured.append(cands)
+        inner = self.model.denoise
+
+        def count(*a, **k):
+            calls.append(self.roles.active)
+            return inner(*a, **k)
+        self.model.denoise = count
+        try:
+            return real_update(self, cands, keep, r, at)
+        finally:
+            del self.model.denoise
+
+    monkeypatch.setattr(pt.PostTrainer, "stage_update", update)
+    return captured, calls
+
+
 def _assert_same_weights(a_dir, b_dir, rtol, atol):
     a, b = _weights(a_dir), _weights(b_dir)
     assert a.keys() == b.keys()
@@ -232,24 +256,7 @@ def test_branch_chunks_f2_update_both_chunks(tiny_dataset, base_model, tmp_path,
     """rollout.branch_chunks=2 (Table 7): each candidate is two chunks, the second
     conditioned on the first (its history ends with the first chunk's frames), and the update
     trains on both (two policy forward passes per step)."""
-    import persistworld.trainers.post_train as pt
-    captured, calls = [], []
-    real_update = pt.PostTrainer.stage_update
-
-    def update(self, cands, keep, r, at):
-        captured.append(cands)
-        inner = self.model.denoise
-
-        def count(*a, **k):
-            calls.append(self.roles.active)
-            return inner(*a, **k)
-        self.model.denoise = count
-        try:
-            return real_update(self, cands, keep, r, at)
-        finally:
-            del self.model.denoise
-
-    monkeypatch.setattr(pt.PostTrainer, "stage_update", update)
+    captured, calls = _record_update_calls(monkeypatch)
     _run(tiny_dataset, base_model, tmp_path / "f2",
          ["rollout.branch_chunks=2", "trainer.steps=1", "objective.w_kl=0"])
     cands = captured[0]
@@ -300,24 +307,8 @@ def test_objective_rwr_drops_the_old_policy_and_is_its_own_run(tiny_dataset,  # 
     policy and the base model (KL) but never the old policy, logs the RWR parts, ends with other
     weights than NFT, and is fingerprinted as another run; NFT-only switches are refused with
     it before any work."""
-    import persistworld.trainers.post_train as pt
     from persistworld.errors import UserError
-    calls = []
-    real_update = pt.PostTrainer.stage_update
-
-    def update(self, cands, keep, r, at):
-        inner = self.model.denoise
-
-        def count(*a, **k):
-            calls.append(self.roles.active)
-            return inner(*a, **k)
-        self.model.denoise = count
-        try:
-            return real_update(self, cands, keep, r, at)
-        finally:
-            del self.model.denoise
-
-    monkeypatch.setattr(pt.PostTrainer, "stage_update", update)
+    _, calls = _record_update_calls(monkeypatch)
     rwr = _run(tiny_dataset, base_model, tmp_path / "rwr", ["objective.name=rwr"])
     assert "old" not in calls and calls.count("policy") == calls.count("base") == 3
     row = _rows(rwr, "train")[0]

@@ -370,6 +370,8 @@ def test_export_keeps_the_weights_and_may_change_only_sampler_settings(model, tm
         export_main([str(run), str(out), "--sampler", "patch=2"])
     with pytest.raises(ValueError, match="sigma_min"):
         export_main([str(run), str(out), "--sampler", "sigma_min=100"])   # > sigma_max
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        export_main([str(run), str(out), "--sampler", "sigma_min"])
 
 
 def _camera_looking_down(h: int, w: int) -> list[float]:

@@ -13,6 +13,17 @@ from persistworld.world_model import export_world_model
 from persistworld.errors import MissingFile, UserError
 
 
+def sampler_settings(items: list[str]) -> dict:
+    """``--sampler KEY=VALUE`` items (repeatable) as a dict of YAML-parsed values."""
+    sampler = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--sampler {item!r}: expected KEY=VALUE")
+        sampler[key] = yaml.safe_load(value)
+    return sampler
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="persistworld export-model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,12 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a sampler setting chosen after training (sigma_min, sigma_max, "
                          "num_steps, sampler, rho); repeatable")
     a = ap.parse_args(argv)
-    sampler = {}
-    for item in a.sampler:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--sampler {item!r}: expected KEY=VALUE")
-        sampler[key] = yaml.safe_load(value)
+    sampler = sampler_settings(a.sampler)
     run = Path(a.run_dir)
     config = run / "config.yaml"
     if not config.exists():
