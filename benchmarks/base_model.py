@@ -10,9 +10,17 @@ baselines evaluated on the same rollouts:
   3. the first autoregressive chunk within 0.5 dB (PSNR) of the teacher-forced one;
   4. drift left to fix: teacher-forced minus autoregressive PSNR over chunks 10-13 >= 1.5 dB.
 
+The one-chunk starts are episode starts (t = 0, the history backfilled with the first frame).
+The teacher-forced ``--chunks`` rows, the model and "repeat the last frame" given the true
+history, show it through whole episodes (mid-episode motion, pauses): no bar, but read them.
+
     .venv/bin/python benchmarks/base_model.py --model models/mini_droid_base.pt \\
         [--data data/mini_droid] [--steps 10] [--out runs/bench_base/NAME]
         [--sampler sigma_min=3 --sampler sigma_max=40 ...]
+
+``--predictor anchor`` scores the model's x0 anchor alone (for ``x0_anchor: composite`` the last
+frame with the robot drawn at each future pose; the denoiser is never called) in the model's
+rows: the difference to the model's own bars is what the network adds.
 
 ``--sampler KEY=VALUE`` (repeatable) measures the model under other sampler settings (the keys
 ``export-model --sampler`` takes): a copy with them is written to ``--out``/model.pt and
@@ -36,20 +44,42 @@ GROUPS = ("external", "wrist")
 METRICS = ("ssim", "psnr", "lpips")
 
 
-def _evaluate(model: str, data: str, out: Path, **settings) -> dict:
+def anchor_only(model: str):
+    """``--predictor anchor``: the model's x0 anchor as the whole prediction (the composite:
+    the last frame with the robot drawn at each future pose), the denoiser never called; what
+    the network adds is the model's rows minus these."""
+    from persistworld.evaluation.evaluate import model_predictor
+    from persistworld.world_model import load_world_model
+    wm = load_world_model(model).eval()
+    if getattr(wm.cfg, "x0_anchor", "none") == "none":
+        raise SystemExit(f"--predictor anchor: {model} has no x0 anchor (world_model.x0_anchor="
+                         f"none): its anchor is 0, not a prediction")
+
+    def sample_chunk(buffer, future_actions, generator=None, num_steps=None, noise=None):
+        a = wm.anchor(buffer, future_actions)                    # (B, 1 | L, C, Hs, Ws)
+        return a.expand(future_actions.shape[0], wm.future, *wm.latent_shape()).clone()
+    wm.sample_chunk = sample_chunk
+    return model_predictor(wm)
+
+
+def _evaluate(model: str, data: str, out: Path, predictor: str = "model", **settings) -> dict:
     from omegaconf import OmegaConf
 
-    from persistworld.evaluation.evaluate import is_current
+    from persistworld.evaluation.evaluate import evaluate, is_current
     from persistworld.evaluation.run import evaluate_model, settings_from
     from persistworld.utils.io import atomic_write_text
     out = out / "eval" / f"{settings['mode']}_{settings['num_chunks']}"
     s = settings_from({"num_videos": 2, **settings})
-    digest = hashlib.sha256(Path(model).read_bytes()).hexdigest()
-    stamp = out / "model.sha256"              # which model file the evaluation is of
+    digest = hashlib.sha256(Path(model).read_bytes()).hexdigest() + \
+        ("" if predictor == "model" else f" {predictor}")
+    stamp = out / "model.sha256"              # which model file (and predictor) it is of
     if not (is_current(out, s, data) and stamp.exists() and stamp.read_text() == digest):
         data_cfg = OmegaConf.create({"root": data, "future": 5, "stride": 1})
         stamp.unlink(missing_ok=True)         # other settings, data or model: evaluated again
-        evaluate_model(model, data_cfg, s, out)
+        if predictor == "anchor":
+            evaluate(anchor_only(model), data, out, s, label="anchor")
+        else:
+            evaluate_model(model, data_cfg, s, out)
         atomic_write_text(stamp, digest)
     return json.loads((out / "summary.json").read_text()) | {"dir": str(out)}
 
@@ -61,8 +91,8 @@ def _chunk_psnr(eval_dir: str, chunks: range, sub: str = "") -> dict[str, float]
 
 
 def bars(model: str, data: str, out: Path, steps: int, tf_samples: int, chunks: int,
-         split: str = "test") -> dict:
-    common = dict(num_steps=steps, seed=0, batch_size=10, split=split)
+         split: str = "test", predictor: str = "model") -> dict:
+    common = dict(num_steps=steps, seed=0, batch_size=10, split=split, predictor=predictor)
     tf1 = _evaluate(model, data, out, mode="teacher_forced", num_chunks=1,
                     max_samples=tf_samples, **common)
     ar = _evaluate(model, data, out, mode="autoregressive", num_chunks=chunks, **common)
@@ -85,6 +115,7 @@ def bars(model: str, data: str, out: Path, steps: int, tf_samples: int, chunks: 
     row(f"autoregressive {chunks} chunks: model", m)
     row(f"autoregressive {chunks} chunks: nothing moves", still)
     row(f"teacher-forced {chunks} chunks: model", tf["metrics"])
+    row(f"teacher-forced {chunks} chunks: repeat last frame", tf["baselines"]["repeat_last"])
     for g in GROUPS:
         for k in METRICS:
             better = m[g][k] < still[g][k] if k == "lpips" else m[g][k] > still[g][k]
@@ -99,7 +130,8 @@ def bars(model: str, data: str, out: Path, steps: int, tf_samples: int, chunks: 
         checks[f"{g}: first AR chunk within 0.5 dB of TF"] = abs(first_ar[g] - first_tf[g]) <= 0.5
         checks[f"{g}: drift (TF - AR, chunks 10-{chunks - 1}) >= 1.5 dB"] = \
             late_tf[g] - late_ar[g] >= 1.5
-    return {"model": model, "split": split, "sampler_steps": steps, "tf_samples": tf_samples,
+    return {"model": model, "predictor": predictor, "split": split, "sampler_steps": steps,
+            "tf_samples": tf_samples,
             "table": rows, "derived": derived, "checks": checks,
             "passed": int(sum(checks.values())), "total": len(checks)}
 
@@ -108,7 +140,9 @@ def to_markdown(res: dict) -> str:
     cols = [f"{g} {m}" for g in GROUPS for m in METRICS]
     over = res.get("sampler_overrides") or []
     name = res.get("source_model", res["model"]) + (f" with {', '.join(over)}" if over else "")
-    lines = [f"# Base-model bars: `{name}` ({res['sampler_steps']} sampler steps, "
+    what = (" (its x0 anchor alone, the denoiser never called: the rows named model are the "
+            "anchor)") if res.get("predictor", "model") == "anchor" else ""
+    lines = [f"# Base-model bars: `{name}`{what} ({res['sampler_steps']} sampler steps, "
              f"{res.get('split', 'val')} split)", "",
              "| setting | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += ["| " + r["setting"] + " | " + " | ".join(f"{r[c]:.4g}" for c in cols) + " |"
@@ -134,9 +168,12 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default: runs/bench_base/<model file stem>")
     ap.add_argument("--sampler", action="append", default=[], metavar="KEY=VALUE",
                     help="a sampler setting to measure the model under (repeatable)")
+    ap.add_argument("--predictor", choices=("model", "anchor"), default="model",
+                    help="anchor: score the model's x0 anchor alone, the denoiser never called")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    out = Path(a.out or f"runs/bench_base/{Path(a.model).stem}")
+    out = Path(a.out or f"runs/bench_base/{Path(a.model).stem}"
+               + ("" if a.predictor == "model" else f"_{a.predictor}"))
     model = a.model
     if a.sampler:
         from persistworld.world_model import export_world_model
@@ -145,7 +182,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         model = str(export_world_model(a.model, out / "model.pt", sampler=sampler))
         print(f"measuring {a.model} with sampler settings {sampler} ({model})")
-    res = bars(model, a.data, out, a.steps, a.tf_samples, a.chunks, a.split)
+    res = bars(model, a.data, out, a.steps, a.tf_samples, a.chunks, a.split, a.predictor)
     res["source_model"], res["sampler_overrides"] = a.model, a.sampler
     from persistworld.utils.io import atomic_write_json, atomic_write_text
     atomic_write_json(out / "bars.json", res)
