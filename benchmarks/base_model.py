@@ -45,10 +45,9 @@ METRICS = ("ssim", "psnr", "lpips")
 
 
 def anchor_only(model: str):
-    """``--predictor anchor``: the model's x0 anchor as the whole prediction (the composite:
-    the last frame with the robot drawn at each future pose), the denoiser never called; what
-    the network adds is the model's rows minus these."""
-    from persistworld.evaluation.evaluate import model_predictor
+    """``--predictor anchor``: the model file loaded with ``sample_chunk`` replaced by its x0
+    anchor (the composite: the last frame with the robot drawn at each future pose), the
+    denoiser never called; what the network adds is the model's rows minus these."""
     from persistworld.world_model import load_world_model
     wm = load_world_model(model).eval()
     if getattr(wm.cfg, "x0_anchor", "none") == "none":
@@ -59,13 +58,13 @@ def anchor_only(model: str):
         a = wm.anchor(buffer, future_actions)                    # (B, 1 | L, C, Hs, Ws)
         return a.expand(future_actions.shape[0], wm.future, *wm.latent_shape()).clone()
     wm.sample_chunk = sample_chunk
-    return model_predictor(wm)
+    return wm
 
 
 def _evaluate(model: str, data: str, out: Path, predictor: str = "model", **settings) -> dict:
     from omegaconf import OmegaConf
 
-    from persistworld.evaluation.evaluate import evaluate, is_current
+    from persistworld.evaluation.evaluate import evaluate, is_current, model_predictor
     from persistworld.evaluation.run import evaluate_model, settings_from
     from persistworld.utils.io import atomic_write_text
     out = out / "eval" / f"{settings['mode']}_{settings['num_chunks']}"
@@ -77,7 +76,7 @@ def _evaluate(model: str, data: str, out: Path, predictor: str = "model", **sett
         data_cfg = OmegaConf.create({"root": data, "future": 5, "stride": 1})
         stamp.unlink(missing_ok=True)         # other settings, data or model: evaluated again
         if predictor == "anchor":
-            evaluate(anchor_only(model), data, out, s, label="anchor")
+            evaluate(model_predictor(anchor_only(model)), data, out, s, label="anchor")
         else:
             evaluate_model(model, data_cfg, s, out)
         atomic_write_text(stamp, digest)

@@ -374,6 +374,30 @@ def test_export_keeps_the_weights_and_may_change_only_sampler_settings(model, tm
         export_main([str(run), str(out), "--sampler", "sigma_min"])
 
 
+def test_bars_benchmark_anchor_predictor_returns_the_anchor(tmp_path):
+    """benchmarks/base_model.py --predictor anchor: the loaded model's chunk is its x0 anchor
+    (here the last history frame), the denoiser never called; a model without an anchor is
+    refused."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "base_model.py"
+    spec = importlib.util.spec_from_file_location("bench_base_model", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    src = build_world_model({**TINY, "x0_anchor": "last_frame"}).eval()
+    save_world_model(src, tmp_path / "last.pt")
+    wm = bench.anchor_only(str(tmp_path / "last.pt"))
+    wm.network = None                       # the denoiser must not be called
+    buf, acts = _inputs(wm)
+    x = wm.sample_chunk(buf, acts, num_steps=3)
+    assert x.shape == (2, wm.future, *wm.latent_shape())
+    torch.testing.assert_close(x, buf.latents[:, -1:].expand_as(x))
+    save_world_model(build_world_model({**TINY, "x0_anchor": "none"}), tmp_path / "none.pt")
+    with pytest.raises(SystemExit, match="no x0 anchor"):
+        bench.anchor_only(str(tmp_path / "none.pt"))
+
+
 def _camera_looking_down(h: int, w: int) -> list[float]:
     """A pinhole camera 1 m above the origin looking down: world (x, y) -> ndc (x, y)."""
     m = torch.zeros(4, 4)
