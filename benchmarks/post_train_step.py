@@ -13,10 +13,10 @@ over ``--steps``. Overhead = step - sum of stages: the loop's bookkeeping (metri
 checks, the progress bar, the final checkpoint).
 
 ``memory``: one fresh process per setting (peak resident memory only grows within a
-process), each running one step with K candidates and a fixed prefix length P; prints the
-peak RSS above the process's own after loading (CPU), or ``torch.cuda.max_memory_allocated``
-with ``--device cuda``. Expect linear in K (candidates are a batch) and flat in P (the prefix
-is rolled out without gradients, one chunk at a time).
+process), each running one step of 2 prefixes with K candidates each and a fixed prefix length
+P; prints the peak RSS above the process's own after loading (CPU), or
+``torch.cuda.max_memory_allocated`` with ``--device cuda``. Expect linear in K (candidates are a
+batch) and flat in P (the prefix is rolled out without gradients, one chunk at a time).
 
 ``held``: the float tensors the built trainer holds (every distinct storage reachable from it,
 ``persistworld/utils/census.py``), by part, against the base model's own weights.
@@ -132,7 +132,7 @@ def held(overrides: list[str]) -> None:
 def memory_one(k: int, p: int, device: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        tr = build([f"rollout.group_size={k}", "rollout.best_of_n=null",
+        tr = build([f"rollout.group_size={k}", "rollout.best_of_n=null", "trainer.batch_size=2",
                     f"rollout.prefix.low={p}", f"rollout.prefix.high={p}",
                     "rollout.start_pool_chunks=9", f"trainer.device={device}",
                     f"trainer.num_threads={threads}"], tmp)
