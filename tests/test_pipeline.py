@@ -17,8 +17,8 @@ BASE = ["world_model.block_out_channels=[16,32]",
         "world_model.action_hidden=16", "trainer.steps=4", "trainer.eval_every=0",
         "trainer.num_threads=1"]
 POST = ["experiment=mini", "trainer.steps=2", "trainer.batch_size=2", "rollout.group_size=4",
-        "rollout.best_of_n=1", "rollout.prefix.high=2", "rollout.sampler_steps=3", "trainer.num_threads=1",
-        "lora.rank=4", "lora.alpha=4"]
+        "rollout.best_of_n=1", "rollout.prefix.high=2", "rollout.sampler_steps=3",
+        "trainer.num_threads=1", "lora.rank=4", "lora.alpha=4"]
 
 
 def _quoted(items: list[str]) -> str:
