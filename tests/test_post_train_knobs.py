@@ -359,3 +359,22 @@ def test_ramps_advance_by_samples_seen_in_steps_of_schedule_batch(tiny_dataset, 
     with pytest.raises(UserError, match="trainer.schedule_batch"):
         _trainer(tiny_dataset, base_model, tmp_path / "bad", ["trainer.schedule_batch=0"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_lora_init_seed_sets_the_init_apart_from_the_run_seed(tiny_dataset, base_model,  # noqa: F811
+                                                              tmp_path):
+    """``lora.init_seed`` fixes the LoRA factors' init whatever the run's seed (so a seed
+    study can tell init variance from data variance); null draws it from the run's seed."""
+    def factors(name, extra):
+        t = _trainer(tiny_dataset, base_model, tmp_path / name, extra)
+        return {k: p.detach().clone() for k, p in t.roles._named("policy") if "lora_A" in k}
+
+    plain0, plain1 = factors("p0", ["seed=0"]), factors("p1", ["seed=1"])
+    own0 = factors("o0", ["seed=0", "lora.init_seed=5"])
+    own1 = factors("o1", ["seed=1", "lora.init_seed=5"])
+    assert plain0 and plain0.keys() == own0.keys()
+    assert all(not torch.equal(plain0[k], plain1[k]) for k in plain0)      # run seed draws it
+    assert all(torch.equal(own0[k], own1[k]) for k in own0)                # init_seed fixes it
+    assert all(not torch.equal(own0[k], plain0[k]) for k in own0)
+    null0 = factors("n0", ["seed=0", "lora.init_seed=null"])
+    assert all(torch.equal(null0[k], plain0[k]) for k in plain0)           # as before the knob

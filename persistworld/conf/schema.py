@@ -80,6 +80,8 @@ class LoraConf:
     target_modules: List[str] = field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     train_action_encoder: bool = True
+    init_seed: Optional[int] = None  # seed of the LoRA factors' random init (null: the run's
+                                     #   seed, drawn in sequence as always)
 
 
 @dataclass

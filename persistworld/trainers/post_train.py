@@ -157,11 +157,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler
     if r.sampling_policy not in SAMPLING_POLICIES:
         raise UserError(f"rollout.sampling_policy: unknown {r.sampling_policy!r} (choose from "
                         f"{', '.join(SAMPLING_POLICIES)})")
-    prefix = PrefixSampler(**OmegaConf.to_container(r.prefix))
+    prefix = PrefixSampler(**OmegaConf.to_container(r.prefix, resolve=True))
     weights = RewardWeights(**{k: float(v) for k, v in cfg.reward.items() if k != "adv_clip"})
     if float(cfg.reward.adv_clip) <= 0:
         raise UserError(f"reward.adv_clip must be > 0, got {cfg.reward.adv_clip}")
-    old = EMASchedule(**OmegaConf.to_container(cfg.old_policy))
+    old = EMASchedule(**OmegaConf.to_container(cfg.old_policy, resolve=True))
     o = cfg.objective
     if float(o.beta) <= 0:
         raise UserError(f"objective.beta must be > 0, got {o.beta}")
@@ -287,9 +287,16 @@ class PostTrainer:
                             f"{cfg.data.future}: use the data settings it was trained with")
         roles = ("policy", "old") + (("ema",) if float(cfg.policy_ema.decay) > 0 else ())
         self.model = base
-        self.roles = NamedAdapters(base, roles, int(cfg.lora.rank), float(cfg.lora.alpha),
-                                   list(cfg.lora.target_modules),
-                                   bool(cfg.lora.train_action_encoder))
+        # the LoRA init draws from the run's seed in sequence, or from its own lora.init_seed
+        # (then the draws that follow are the run seed's as if no init had drawn)
+        init_seed = cfg.lora.get("init_seed")
+        with (contextlib.nullcontext() if init_seed is None
+              else torch.random.fork_rng(devices=[])):
+            if init_seed is not None:
+                torch.manual_seed(int(init_seed))
+            self.roles = NamedAdapters(base, roles, int(cfg.lora.rank), float(cfg.lora.alpha),
+                                       list(cfg.lora.target_modules),
+                                       bool(cfg.lora.train_action_encoder))
         # the trained call under torch DDP (registered while the policy's tensors are the ones
         # that require gradients; it also broadcasts rank 0's start to every rank)
         with self.roles.use("policy") as policy:

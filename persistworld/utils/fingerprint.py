@@ -66,6 +66,7 @@ NEUTRAL: dict[str, str] = {
 ADDED: dict[str, Any] = {
     "objective.name": "nft",          # 2026-12-02: the loss was always x0-adapted NFT before
     "trainer.schedule_batch": None,   # 2026-12-03: the ramps were always in steps before
+    "lora.init_seed": None,           # 2026-12-04: the LoRA init always drew from the run's seed
 }
 # the settings post-training may continue under (the others must be equal)
 EXTENDABLE = ("trainer.steps",)
