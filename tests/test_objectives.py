@@ -83,6 +83,27 @@ def test_group_weights_invariant_to_shift_and_scale():
         group_advantages(torch.ones(3, 1))
 
 
+def test_batch_normalised_weights_follow_the_size_of_each_groups_gaps():
+    """norm="batch": one std for the step, so a group of near-equal candidates weighs ~1/2
+    where per-group std gives it the full 0 / 1; still invariant to one shift and scale of
+    the whole batch and to a shift of one group."""
+    R = torch.tensor([[0.50, 0.51, 0.49, 0.50], [0.0, 1.0, 0.5, 0.2]])
+    A_g, r_g = group_advantages(R)
+    A_b, r_b = group_advantages(R, norm="batch")
+    assert (r_g[0].max() - r_g[0].min()) > 0.9                 # per group: a coin toss
+    assert (r_b[0] - 0.5).abs().max() < 0.05                    # per batch: barely weighted
+    assert (r_b[1].max() - r_b[1].min()) > 0.9                  # a real gap still counts
+    centred = R - R.mean(1, keepdim=True)
+    torch.testing.assert_close(A_b, centred / centred.pow(2).mean().sqrt(), atol=1e-4,
+                               rtol=1e-4)
+    torch.testing.assert_close(group_advantages(R * 3.0 + 1.0, norm="batch")[1], r_b)
+    shifted = R + torch.tensor([[5.0], [0.0]])
+    torch.testing.assert_close(group_advantages(shifted, norm="batch")[1], r_b, atol=1e-5,
+                               rtol=0)
+    with pytest.raises(ValueError, match="norm"):
+        group_advantages(R, norm="global")
+
+
 def test_best_of_n_picks_exactly_top_and_bottom():
     R = torch.tensor([[5.0, 1.0, 9.0, 3.0, 7.0, 0.0, 8.0, 2.0]])
     idx = best_of_n(R, 2)

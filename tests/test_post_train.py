@@ -83,6 +83,7 @@ def uninterrupted(tiny_dataset, base_model, tmp_path_factory) -> Path:
     ("eval.split=holdout", "eval.split"),
     ("eval.num_steps=0", "eval.num_steps"),
     ("rollout.start_pool_chunks=2", "rollout.start_pool_chunks"),   # < max prefix 2 + F 1
+    ("reward.adv_norm=global", "reward.adv_norm"),
 ])
 def test_impossible_settings_name_the_setting(tiny_dataset, base_model, tmp_path, override,
                                               setting):

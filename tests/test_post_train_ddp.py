@@ -96,6 +96,20 @@ def test_two_processes_with_micro_batches_match_one(one_process, tiny_dataset, b
     _same_run(one_process, run)
 
 
+def test_two_processes_with_batch_adv_norm_match_one(tiny_dataset, base_model,
+                                                     tmp_path):  # noqa: F811
+    """reward.adv_norm=batch takes one std over the step's B groups, every rank's: 2 ranks of
+    one prefix each equal one process of 2 (a rank-local std would be its one group's)."""
+    from persistworld.trainers.post_train import post_train
+    extra = FAST + ["reward.adv_norm=batch"]
+    one = tmp_path / "one_batch"
+    overrides = _post_overrides(tiny_dataset, base_model, one, extra)
+    post_train(_compose("post_train", overrides), overrides=overrides)
+    two = tmp_path / "two_batch"
+    _torchrun(_post_overrides(tiny_dataset, base_model, two, extra))
+    _same_run(one, two)
+
+
 def test_two_slurm_tasks_match_one(one_process, tiny_dataset, base_model, tmp_path):  # noqa: F811
     """A run launched by `srun -n 2` on the local SLURM cluster (slurm/local_cluster.sh):
     the ranks come from SLURM_PROCID / SLURM_STEP_NUM_TASKS, the rendezvous from the step's

@@ -378,3 +378,30 @@ def test_lora_init_seed_sets_the_init_apart_from_the_run_seed(tiny_dataset, base
     assert all(not torch.equal(own0[k], plain0[k]) for k in own0)
     null0 = factors("n0", ["seed=0", "lora.init_seed=null"])
     assert all(torch.equal(null0[k], plain0[k]) for k in plain0)           # as before the knob
+
+
+def test_adv_norm_batch_reaches_the_update(tiny_dataset, base_model, tmp_path,  # noqa: F811
+                                           monkeypatch):
+    """``reward.adv_norm=batch`` weighs the candidates with one std for the step's B groups
+    (every rank's), and the trained weights differ from per-group std's."""
+    import persistworld.trainers.post_train as pt
+    from persistworld.rewards.group import group_advantages
+    seen = []
+
+    def spy(R, clip=1.0, eps=1e-6, norm="group"):
+        out = group_advantages(R, clip=clip, eps=eps, norm=norm)
+        seen.append((norm, R.clone(), out[1].clone()))
+        return out
+    monkeypatch.setattr(pt, "group_advantages", spy)
+    batch = _run(tiny_dataset, base_model, tmp_path / "batch", ["reward.adv_norm=batch"])
+    assert seen and {n for n, _, _ in seen} == {"batch"}
+    for _, R, r in seen:
+        assert R.shape[0] >= 2                               # all B groups of the step at once
+        centred = R - R.mean(1, keepdim=True)
+        A = centred / (centred.pow(2).mean().sqrt() + 1e-6)
+        torch.testing.assert_close(r, (A.clamp(-1, 1) + 1) / 2)
+    seen.clear()
+    group = _run(tiny_dataset, base_model, tmp_path / "group")
+    assert {n for n, _, _ in seen} == {"group"}
+    a, b = _weights(batch), _weights(group)
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -45,7 +45,8 @@ class RewardConf:
     w_ssim: float = 1.0              # weight of SSIM, unitless
     w_psnr: float = 0.03125          # weight of PSNR, per dB (1/32)
     wrist_weight: float = 1.0        # wrist view vs each external view (Table 8 uses 2)
-    adv_clip: float = 1.0            # advantage clip c, in group std units
+    adv_clip: float = 1.0            # advantage clip c, in the std units adv_norm picks
+    adv_norm: str = "group"          # group (paper): A in each group's std | batch: one std
 
 
 @dataclass

@@ -3,20 +3,31 @@
 Within each group of K candidates branched from the same prefix:
     A = (R - mean_K R) / (std_K R + eps),   r = (clip(A, -c, c) / c + 1) / 2  in [0, 1]
 with c = 1 in the paper. Shifting or scaling all rewards of a group leaves r unchanged.
+
+``norm="batch"`` divides by one std for the whole batch instead, that of the rewards minus their
+group means (as Dr. GRPO argues against per-group std): a group whose candidates barely differ
+then gets weights near 1/2 instead of the full 0 / 1 that per-group std gives any gap.
 """
 from __future__ import annotations
 
 import torch
 
 
-def group_advantages(R: torch.Tensor, clip: float = 1.0, eps: float = 1e-6
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """R: (B, K) rewards -> (A, r), both (B, K). Population std over the K candidates."""
+ADV_NORMS = ("group", "batch")
+
+
+def group_advantages(R: torch.Tensor, clip: float = 1.0, eps: float = 1e-6,
+                     norm: str = "group") -> tuple[torch.Tensor, torch.Tensor]:
+    """R: (B, K) rewards -> (A, r), both (B, K). Population std over the K candidates of each
+    group (``norm="group"``) or over all B*K rewards minus their group means (``"batch"``)."""
     if R.dim() != 2 or R.shape[1] < 2:
         raise ValueError(f"rewards must be (B, K) with K >= 2, got {tuple(R.shape)}")
-    mean = R.mean(1, keepdim=True)
-    std = R.std(1, unbiased=False, keepdim=True)
-    A = (R - mean) / (std + eps)
+    if norm not in ADV_NORMS:
+        raise ValueError(f"norm must be one of {ADV_NORMS}, got {norm!r}")
+    centred = R - R.mean(1, keepdim=True)
+    std = (R.std(1, unbiased=False, keepdim=True) if norm == "group"
+           else centred.pow(2).mean().sqrt())
+    A = centred / (std + eps)
     r = (A.clamp(-clip, clip) / clip + 1.0) / 2.0
     return A, r
 

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from persistworld.data.dataset import SELECTION_SPLIT, EpisodeStore, RolloutDataset
 from persistworld.objectives.nft import NFTVariant
 from persistworld.objectives.terms import KLToBase, Samples, Term, post_training_term
-from persistworld.rewards.group import best_of_n, group_advantages
+from persistworld.rewards.group import ADV_NORMS, best_of_n, group_advantages
 from persistworld.rewards.reward import MultiViewReward, RewardWeights
 from persistworld.rollout.branching import Branches, branch, rollout_prefix
 from persistworld.rollout.prefix import PrefixSampler
@@ -158,9 +158,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler
         raise UserError(f"rollout.sampling_policy: unknown {r.sampling_policy!r} (choose from "
                         f"{', '.join(SAMPLING_POLICIES)})")
     prefix = PrefixSampler(**OmegaConf.to_container(r.prefix, resolve=True))
-    weights = RewardWeights(**{k: float(v) for k, v in cfg.reward.items() if k != "adv_clip"})
+    weights = RewardWeights(**{k: float(v) for k, v in cfg.reward.items()
+                               if k not in ("adv_clip", "adv_norm")})
     if float(cfg.reward.adv_clip) <= 0:
         raise UserError(f"reward.adv_clip must be > 0, got {cfg.reward.adv_clip}")
+    if cfg.reward.get("adv_norm", "group") not in ADV_NORMS:
+        raise UserError(f"reward.adv_norm: unknown {cfg.reward.adv_norm!r} (choose from "
+                        f"{', '.join(ADV_NORMS)})")
     old = EMASchedule(**OmegaConf.to_container(cfg.old_policy, resolve=True))
     o = cfg.objective
     if float(o.beta) <= 0:
@@ -426,8 +430,12 @@ class PostTrainer:
         target = truth.to(pixels.device).repeat_interleave(K, 0)
         R, info = self.reward(pixels, target)
         R, info = R.cpu(), {k: v.cpu() for k, v in info.items()}
-        A, r = group_advantages(R.view(B, K), clip=float(self.cfg.reward.adv_clip))
-        return R.view(B, K), A, r, info
+        # over all B prefixes of the step (every rank's), so "batch" normalises as one process
+        mine = slice(self.first_prefix, self.first_prefix + B)
+        A, r = group_advantages(self.dist.gather_cat(R.view(B, K)),
+                                clip=float(self.cfg.reward.adv_clip),
+                                norm=str(self.cfg.reward.get("adv_norm", "group")))
+        return R.view(B, K), A[mine], r[mine], info
 
     # -- S4: the NFT update -----------------------------------------------------------------
     def sample_sigma(self, n: int, g: torch.Generator) -> torch.Tensor:

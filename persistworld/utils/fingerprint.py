@@ -67,6 +67,7 @@ ADDED: dict[str, Any] = {
     "objective.name": "nft",          # 2026-12-02: the loss was always x0-adapted NFT before
     "trainer.schedule_batch": None,   # 2026-12-03: the ramps were always in steps before
     "lora.init_seed": None,           # 2026-12-04: the LoRA init always drew from the run's seed
+    "reward.adv_norm": "group",       # 2026-12-04: advantages were always in group-std units
 }
 # the settings post-training may continue under (the others must be equal)
 EXTENDABLE = ("trainer.steps",)
