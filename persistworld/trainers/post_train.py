@@ -162,7 +162,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler
                                if k not in ("adv_clip", "adv_norm")})
     if float(cfg.reward.adv_clip) <= 0:
         raise UserError(f"reward.adv_clip must be > 0, got {cfg.reward.adv_clip}")
-    if cfg.reward.get("adv_norm", "group") not in ADV_NORMS:
+    if cfg.reward.adv_norm not in ADV_NORMS:
         raise UserError(f"reward.adv_norm: unknown {cfg.reward.adv_norm!r} (choose from "
                         f"{', '.join(ADV_NORMS)})")
     old = EMASchedule(**OmegaConf.to_container(cfg.old_policy, resolve=True))
@@ -293,7 +293,7 @@ class PostTrainer:
         self.model = base
         # the LoRA init draws from the run's seed in sequence, or from its own lora.init_seed
         # (then the draws that follow are the run seed's as if no init had drawn)
-        init_seed = cfg.lora.get("init_seed")
+        init_seed = cfg.lora.init_seed
         with (contextlib.nullcontext() if init_seed is None
               else torch.random.fork_rng(devices=[])):
             if init_seed is not None:
@@ -434,7 +434,7 @@ class PostTrainer:
         mine = slice(self.first_prefix, self.first_prefix + B)
         A, r = group_advantages(self.dist.gather_cat(R.view(B, K)),
                                 clip=float(self.cfg.reward.adv_clip),
-                                norm=str(self.cfg.reward.get("adv_norm", "group")))
+                                norm=str(self.cfg.reward.adv_norm))
         return R.view(B, K), A[mine], r[mine], info
 
     # -- S4: the NFT update -----------------------------------------------------------------
