@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from persistworld.objectives.nft import NFTVariant, kl_to_base, nft_loss
-from persistworld.rewards.group import best_of_n, group_advantages
+from persistworld.rewards.group import best_of_n, group_advantages, shuffle_within_groups
 from persistworld.rollout.prefix import PrefixSampler
 from persistworld.trainers.ema import EMASchedule, ema_update
 from persistworld.trainers.optim import build_optimizer, warmup_cosine
@@ -102,6 +102,15 @@ def test_batch_normalised_weights_follow_the_size_of_each_groups_gaps():
                                rtol=0)
     with pytest.raises(ValueError, match="norm"):
         group_advantages(R, norm="global")
+
+
+def test_shuffled_rewards_are_each_groups_own_in_another_order():
+    R = torch.arange(40, dtype=torch.float32).view(5, 8)
+    S = shuffle_within_groups(R, torch.Generator().manual_seed(0))
+    assert torch.equal(S.sort(1).values, R)                       # each row keeps its rewards
+    assert not torch.equal(S, R)
+    assert len({tuple(row.argsort().tolist()) for row in S}) > 1   # rows get their own orders
+    assert torch.equal(S, shuffle_within_groups(R, torch.Generator().manual_seed(0)))
 
 
 def test_best_of_n_picks_exactly_top_and_bottom():

@@ -405,3 +405,43 @@ def test_adv_norm_batch_reaches_the_update(tiny_dataset, base_model, tmp_path,  
     assert {n for n, _, _ in seen} == {"group"}
     a, b = _weights(batch), _weights(group)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shuffled_rewards_reach_the_update_in_a_random_order(tiny_dataset, base_model,  # noqa: F811
+                                                             tmp_path, monkeypatch):
+    """``reward.shuffle=true`` (the no-signal control): each group's rewards are permuted
+    within the group, the update's weights and best-of-N follow the permuted rewards, and the
+    trained weights differ from the real rewards' run."""
+    import persistworld.trainers.post_train as pt
+    from persistworld.rewards.group import group_advantages
+    shuffles, scored, kept = [], [], []
+    real_shuffle, real_score, real_best = (pt.shuffle_within_groups, pt.PostTrainer.stage_score,
+                                           pt.best_of_n)
+
+    def shuffle(R, g):
+        out = real_shuffle(R, g)
+        shuffles.append((R.clone(), out.clone()))
+        return out
+
+    def score(self, cands, truth, at):
+        scored.append(real_score(self, cands, truth, at))
+        return scored[-1]
+
+    def best(R, n):
+        kept.append(R.clone())
+        return real_best(R, n)
+    monkeypatch.setattr(pt, "shuffle_within_groups", shuffle)
+    monkeypatch.setattr(pt.PostTrainer, "stage_score", score)
+    monkeypatch.setattr(pt, "best_of_n", best)
+    shuffled = _run(tiny_dataset, base_model, tmp_path / "shuffled", ["reward.shuffle=true"])
+    assert len(shuffles) == len(scored) == len(kept) == 3
+    for (own, perm), (R, _, r, _), R_kept in zip(shuffles, scored, kept):
+        assert torch.equal(perm.sort(1).values, own.sort(1).values)  # the group's own rewards
+        assert torch.equal(R, perm) and torch.equal(R_kept, perm)    # best-of-N: permuted
+        torch.testing.assert_close(r, group_advantages(perm)[1])     # weights: permuted
+    assert any(not torch.equal(own, perm) for own, perm in shuffles)
+    shuffles.clear()
+    real = _run(tiny_dataset, base_model, tmp_path / "real")
+    assert not shuffles                                              # off by default
+    a, b = _weights(shuffled), _weights(real)
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -20,7 +20,7 @@ CONF = REPO / "persistworld" / "conf"
 SWEEPS = REPO / "sweeps"
 SEEDS = 3
 # METHOD.md §7: rows per ablation table (Tables 3-11)
-PAPER_ROWS = {"lr": 2, "reward_mix": 4, "prefix_strategy": 5, "group_size": 5,
+PAPER_ROWS = {"lr": 2, "reward_mix": 5, "prefix_strategy": 5, "group_size": 5,
               "branch_horizon": 2, "view_weight": 2, "kl": 2, "old_policy_ema": 2,
               "policy_ema": 2}
 # tables beyond the paper (not in all.yaml): the post-training loss

@@ -47,6 +47,8 @@ class RewardConf:
     wrist_weight: float = 1.0        # wrist view vs each external view (Table 8 uses 2)
     adv_clip: float = 1.0            # advantage clip c, in the std units adv_norm picks
     adv_norm: str = "group"          # group (paper): A in each group's std | batch: one std
+    shuffle: bool = False            # control: each group's rewards go to its candidates in a
+                                     #   random order (the same update, no reward signal)
 
 
 @dataclass

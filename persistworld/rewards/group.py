@@ -7,6 +7,10 @@ with c = 1 in the paper. Shifting or scaling all rewards of a group leaves r unc
 ``norm="batch"`` divides by one std for the whole batch instead, that of the rewards minus their
 group means (as Dr. GRPO argues against per-group std): a group whose candidates barely differ
 then gets weights near 1/2 instead of the full 0 / 1 that per-group std gives any gap.
+
+``shuffle_within_groups`` is the control of the whole signal: each group's rewards handed to its
+candidates in a random order, so the update, its weights and best-of-N are what they would be,
+except for which candidate they favour.
 """
 from __future__ import annotations
 
@@ -30,6 +34,13 @@ def group_advantages(R: torch.Tensor, clip: float = 1.0, eps: float = 1e-6,
     A = centred / (std + eps)
     r = (A.clamp(-clip, clip) / clip + 1.0) / 2.0
     return A, r
+
+
+def shuffle_within_groups(R: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """R: (B, K) -> (B, K), each row permuted by its own random permutation (drawn from
+    ``generator``, row by row)."""
+    order = torch.stack([torch.randperm(R.shape[1], generator=generator) for _ in range(len(R))])
+    return R.gather(1, order.to(R.device))
 
 
 def best_of_n(R: torch.Tensor, n: int | None) -> torch.Tensor:

@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from persistworld.data.dataset import SELECTION_SPLIT, EpisodeStore, RolloutDataset
 from persistworld.objectives.nft import NFTVariant
 from persistworld.objectives.terms import KLToBase, Samples, Term, post_training_term
-from persistworld.rewards.group import ADV_NORMS, best_of_n, group_advantages
+from persistworld.rewards.group import (ADV_NORMS, best_of_n, group_advantages,
+                                        shuffle_within_groups)
 from persistworld.rewards.reward import MultiViewReward, RewardWeights
 from persistworld.rollout.branching import Branches, branch, rollout_prefix
 from persistworld.rollout.prefix import PrefixSampler
@@ -159,7 +160,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> tuple[Setup, PrefixSampler
                         f"{', '.join(SAMPLING_POLICIES)})")
     prefix = PrefixSampler(**OmegaConf.to_container(r.prefix, resolve=True))
     weights = RewardWeights(**{k: float(v) for k, v in cfg.reward.items()
-                               if k not in ("adv_clip", "adv_norm")})
+                               if k not in ("adv_clip", "adv_norm", "shuffle")})
     if float(cfg.reward.adv_clip) <= 0:
         raise UserError(f"reward.adv_clip must be > 0, got {cfg.reward.adv_clip}")
     if cfg.reward.adv_norm not in ADV_NORMS:
@@ -422,7 +423,7 @@ class PostTrainer:
         return cands, truth
 
     # -- S3: rewards and group weights ------------------------------------------------------
-    def stage_score(self, cands: Branches, truth: torch.Tensor):
+    def stage_score(self, cands: Branches, truth: torch.Tensor, at: Progress):
         B, K = self.local_prefixes, self.setup.group_size
         with self.roles.use(self.sampling_role) as sampler:
             pixels = sampler.decode(cands.clip()).clamp(0, 1)           # (B*K, F*L, V, 3, h, w)
@@ -432,10 +433,13 @@ class PostTrainer:
         R, info = R.cpu(), {k: v.cpu() for k, v in info.items()}
         # over all B prefixes of the step (every rank's), so "batch" normalises as one process
         mine = slice(self.first_prefix, self.first_prefix + B)
-        A, r = group_advantages(self.dist.gather_cat(R.view(B, K)),
-                                clip=float(self.cfg.reward.adv_clip),
+        R_all = self.dist.gather_cat(R.view(B, K))
+        if self.cfg.reward.shuffle:           # the control: same rewards, random candidates
+            g = torch.Generator().manual_seed(derive_seed(int(self.cfg.seed), at.step, 10**6 + 1))
+            R_all = shuffle_within_groups(R_all, g)
+        A, r = group_advantages(R_all, clip=float(self.cfg.reward.adv_clip),
                                 norm=str(self.cfg.reward.adv_norm))
-        return R.view(B, K), A[mine], r[mine], info
+        return R_all[mine], A[mine], r[mine], info
 
     # -- S4: the NFT update -----------------------------------------------------------------
     def sample_sigma(self, n: int, g: torch.Generator) -> torch.Tensor:
@@ -553,7 +557,7 @@ class PostTrainer:
         batch, P, seeds = self.stage_starts(at)                                     # S0
         cands, truth = self.stage_rollouts(batch, P, seeds, times)                  # S1 + S2
         t = time.perf_counter()
-        R, A, r, info = self.stage_score(cands, truth)                              # S3
+        R, A, r, info = self.stage_score(cands, truth, at)                          # S3
         keep = best_of_n(R, self.cfg.rollout.best_of_n)                             # S3b
         times["time/reward"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -68,6 +68,7 @@ ADDED: dict[str, Any] = {
     "trainer.schedule_batch": None,   # 2026-12-03: the ramps were always in steps before
     "lora.init_seed": None,           # 2026-12-04: the LoRA init always drew from the run's seed
     "reward.adv_norm": "group",       # 2026-12-04: advantages were always in group-std units
+    "reward.shuffle": False,          # 2026-12-04: rewards always went to their own candidates
 }
 # the settings post-training may continue under (the others must be equal)
 EXTENDABLE = ("trainer.steps",)
