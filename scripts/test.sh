@@ -4,5 +4,6 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
+source scripts/cpu_env.sh
 [ -x .venv/bin/python ] || bash scripts/install.sh
 exec .venv/bin/python -m pytest "$@"

@@ -18,6 +18,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
+source scripts/cpu_env.sh
 [ -x .venv/bin/persistworld ] || bash scripts/install.sh
 run_dir="${RUN_DIR:-runs/base/mini_droid}"
 out="${OUT:-models/mini_droid_base.pt}"
