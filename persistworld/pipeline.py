@@ -5,6 +5,7 @@
     [3/6] base      the base world model: the checkpoint kept in the repo (models/), or trained
     [4/6] post      PersistWorld RL post-training of the base            runs/post/quickstart
     [5/6] evaluate  base and post-trained, the same held-out rollouts    results/.../models/*/eval
+                    (and the base teacher-forced), side by side in `eval_processes` processes
     [6/6] results   Table 1 / Table 2, temporal curves, paired deltas, training curves
                     (results/quickstart/report/), side-by-side videos (truth | base |
                     PersistWorld, results/quickstart/videos/), and the drift figure: both
@@ -16,13 +17,17 @@ completed training run, an evaluation whose summary.json exists) and continues t
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import yaml
 from omegaconf import DictConfig, OmegaConf
+
+from persistworld.errors import UserError
 
 MODELS = ("base", "persistworld")
 
@@ -48,6 +53,9 @@ def check_settings(cfg: DictConfig) -> None:
     from persistworld.evaluation.run import settings_from
     from persistworld.trainers.post_train import validate
     settings_from(cfg.eval)
+    if not isinstance(cfg.eval_processes, int) or cfg.eval_processes < 1:
+        raise UserError(f"eval_processes={cfg.eval_processes}: give a whole number >= 1 "
+                        "(1 = evaluations one after another)")
     validate(_compose("post_train", [*_data_overrides(cfg), f"run_dir={cfg.post.run_dir}",
                                      *cfg.post.overrides]))
     if not cfg.base.checkpoint:
@@ -85,27 +93,74 @@ def stage_post(cfg: DictConfig, base: Path) -> Path:
     return post_train(_compose("post_train", overrides), overrides=list(cfg.post.overrides))
 
 
+def _evaluate_job(job: tuple) -> str:
+    """One evaluation in a spawned worker, with its own torch thread count."""
+    import torch
+
+    from persistworld.evaluation.run import evaluate_model
+    model, data, settings, out, threads = job
+    torch.set_num_threads(threads)
+    evaluate_model(model, data, settings, out)
+    return out
+
+
+def run_evaluations(jobs: list[tuple[str, str, object, Path]], data, processes: int) -> None:
+    """`jobs`: (what, model, settings, out_dir) still to evaluate. With processes > 1 they run
+    side by side, the machine's torch threads shared out among them (on 2 cores one thread
+    each: a small model keeps one core busier than two threads keep two); each writes its own
+    directory, summary.json last, so an interrupted one is redone on the next run."""
+    import torch
+
+    from persistworld.evaluation.run import evaluate_model
+    n = min(int(processes), len(jobs))
+    if n <= 1:
+        for what, model, settings, out in jobs:
+            print(f"      {what}")
+            evaluate_model(model, data, settings, out)
+        return
+    threads = max(1, torch.get_num_threads() // n)
+    print(f"      side by side, {n} processes x {threads} thread(s): "
+          + "; ".join(what for what, *_ in jobs))
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_evaluate_job, [(model, data, settings, str(out), threads)
+                                      for _, model, settings, out in jobs]))
+
+
+def teacher_forced_settings(cfg: DictConfig):
+    """The drift figure's reference: the evaluation settings with ground truth fed back."""
+    from persistworld.evaluation.run import settings_from
+    return settings_from({**OmegaConf.to_container(cfg.eval, resolve=True),
+                          "mode": "teacher_forced", "num_videos": 0, "masked": False})
+
+
 def stage_evaluate(cfg: DictConfig, models: dict[str, Path], results: Path) -> dict[str, Path]:
     """Each model as a small run directory under results/models/<name> (config + status +
-    eval/<mode>_<N>), so `analysis` compares them like any sweep."""
-    from persistworld.evaluation.run import evaluate_model, settings_from
-    from persistworld.utils.io import atomic_write_json, atomic_write_text
+    eval/<mode>_<N>), so `analysis` compares them like any sweep. The base's teacher-forced
+    evaluation (the drift figure's) runs here too, beside the others."""
+    from persistworld.evaluation.run import settings_from
+    from persistworld.utils.io import atomic_write_json, atomic_write_text, sha256_file
     s = settings_from(cfg.eval)
+    tf = teacher_forced_settings(cfg)
     eval_name = f"{s.mode}_{s.num_chunks}"
-    dirs = {}
-    from persistworld.utils.io import sha256_file
+    dirs, jobs, digests = {}, [], {}
     for name, path in models.items():
         run = results / "models" / name
-        out = run / "eval" / eval_name
-        digest = sha256_file(Path(path))
+        digests[name] = digest = sha256_file(Path(path))
         recorded = yaml.safe_load((run / "config.yaml").read_text()) \
             if (run / "config.yaml").exists() else {}
         if recorded and recorded.get("sha256") != digest:
             print(f"      {name}: the model changed since {run} was evaluated; evaluating again")
             shutil.rmtree(run)
-        if not (out / "summary.json").exists():
-            print(f"      {name}: {s.num_chunks}-chunk rollouts on held-out episodes")
-            evaluate_model(str(path), cfg.data, s, out)
+        todo = [(f"{name}: {s.num_chunks}-chunk rollouts on held-out episodes", s, eval_name)]
+        if name == "base":
+            todo.append((f"base, teacher-forced: {tf.num_chunks} chunks with ground-truth "
+                         "history", tf, f"teacher_forced_{tf.num_chunks}"))
+        jobs += [(what, str(path), st, run / "eval" / sub) for what, st, sub in todo
+                 if not (run / "eval" / sub / "summary.json").exists()]
+        dirs[name] = run
+    run_evaluations(jobs, cfg.data, int(cfg.eval_processes))
+    for name, path in models.items():
+        run, digest = dirs[name], digests[name]
         atomic_write_text(run / "config.yaml", yaml.safe_dump(
             {"model": name, "seed": int(cfg.seed), "source": str(path), "sha256": digest}))
         atomic_write_json(run / "status.json", {"state": "completed", "step": 0})
@@ -113,7 +168,7 @@ def stage_evaluate(cfg: DictConfig, models: dict[str, Path], results: Path) -> d
     return dirs
 
 
-def stage_drift_figure(cfg: DictConfig, base: Path, dirs: dict[str, Path], out: Path) -> Path:
+def stage_drift_figure(cfg: DictConfig, dirs: dict[str, Path], out: Path) -> Path:
     """The base model teacher-forced (ground truth fed back after every chunk) next to the
     autoregressive rollouts of both models: the gap is the compounding (exposure-bias) error
     PersistWorld targets (issue: "show the curve next to the teacher-forced one")."""
@@ -121,13 +176,12 @@ def stage_drift_figure(cfg: DictConfig, base: Path, dirs: dict[str, Path], out: 
 
     from persistworld.analysis import figures as F
     from persistworld.analysis.stats import step_curves
-    from persistworld.evaluation.run import evaluate_model, settings_from
-    s = settings_from({**OmegaConf.to_container(cfg.eval, resolve=True),
-                       "mode": "teacher_forced", "num_videos": 0, "masked": False})
+    s = teacher_forced_settings(cfg)
     tf_dir = dirs["base"] / "eval" / f"teacher_forced_{s.num_chunks}"
-    if not (tf_dir / "summary.json").exists():
-        print(f"      base, teacher-forced: {s.num_chunks} chunks with ground-truth history")
-        evaluate_model(str(base), cfg.data, s, tf_dir)
+    if not (tf_dir / "summary.json").exists():      # evaluated in stage_evaluate
+        from persistworld.errors import MissingFile
+        raise MissingFile(f"{tf_dir / 'summary.json'} is missing: rerun `persistworld pipeline` "
+                          "(stage 5 evaluates it)")
     ar = f"{cfg.eval.mode}_{cfg.eval.num_chunks}"
     parts = [pd.read_parquet(tf_dir / "frames.parquet").assign(run="base, teacher-forced")]
     for name in MODELS:
@@ -237,7 +291,7 @@ def pipeline_main(cfg: DictConfig) -> Path:
                            out_dir=results / "report", layout="cameras", baseline="base",
                            n_resamples=int(cfg.report.n_resamples))
     videos = side_by_side_videos(dirs, eval_name, results / "videos")
-    drift = stage_drift_figure(cfg, base, dirs, results / "report" / "figures")
+    drift = stage_drift_figure(cfg, dirs, results / "report" / "figures")
     lap("results", t)
     summaries = {n: json.loads((d / "eval" / eval_name / "summary.json").read_text())
                  for n, d in dirs.items()}

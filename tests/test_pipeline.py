@@ -74,3 +74,31 @@ def test_bad_settings_fail_before_any_work(tmp_path, post, message):
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluations_side_by_side_equal_one_after_another(tiny_dataset, tmp_path):
+    """Stage 5's evaluations in spawned processes (one thread each) write what they write one
+    after another in this process: same files, same numbers."""
+    from persistworld.evaluation.evaluate import EvalSettings
+    from persistworld.pipeline import run_evaluations
+    from conftest import tiny_data_cfg
+    data = tiny_data_cfg(tiny_dataset)
+    s = EvalSettings(num_chunks=2, starts_per_episode=2, num_videos=0)
+    tf = EvalSettings(num_chunks=2, mode="teacher_forced", num_videos=0, masked=False)
+    for way, n in (("serial", 1), ("parallel", 3)):
+        run_evaluations([(m, m, st, tmp_path / way / m / st.mode) for m, st in
+                         (("repeat_last", s), ("nothing_moves", s), ("repeat_last", tf))],
+                        data, processes=n)
+    for m, mode in (("repeat_last", "autoregressive"), ("nothing_moves", "autoregressive"),
+                    ("repeat_last", "teacher_forced")):
+        a, b = (json.loads((tmp_path / w / m / mode / "summary.json").read_text())
+                for w in ("serial", "parallel"))
+        assert a["metrics"] == b["metrics"] and a["metrics"], (m, mode)
+
+
+def test_eval_processes_must_be_a_whole_number(tmp_path):
+    cmd = [sys.executable, "-m", "persistworld.cli", "pipeline", f"data.root={tmp_path / 'data'}",
+           f"results_dir={tmp_path / 'results'}", "eval_processes=0"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "eval_processes" in out.stderr, out.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
